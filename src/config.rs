@@ -1,0 +1,1182 @@
+//! Configuration: a TOML file plus `SCANNER__SECTION__KEY` environment overrides,
+//! deserialized into [`RawConfig`] and then validated into [`Config`].
+//!
+//! Invariants:
+//! - Nothing starts (no store opened, no port bound, no request sent) before
+//!   [`Config::load`] has returned `Ok`.
+//! - Every error names the file (or environment variable) and the key, and says what
+//!   would be accepted.
+//! - The configuration holds no secret itself: passwords and tokens live in files that
+//!   are read when needed ([`crate::registry::auth`]). Credentials inside the registry
+//!   URL are refused, so printing the effective configuration never leaks one.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+/// Prefix of environment variables that override config keys, e.g. `SCANNER__REGISTRY__URL`.
+pub const ENV_PREFIX: &str = "SCANNER__";
+
+/// Where SPCS mounts the service's OAuth token (`/snowflake/session/token`).
+pub const SPCS_TOKEN_FILE: &str = "/snowflake/session/token";
+
+/// An error in the configuration; always names where it came from and which key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config {path}: cannot read file")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The TOML parser's message, with line and column.
+        message: String,
+    },
+    /// A key has a value of the wrong type, or is unknown.
+    #[error("config {origin}: {key}: {message}")]
+    Key {
+        /// The file, or the environment variable, the value came from.
+        origin: String,
+        /// The dotted key, e.g. `registry.concurrency`.
+        key: String,
+        /// What is wrong and what would be accepted.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn key(origin: &str, key: &str, message: impl Into<String>) -> Self {
+        ConfigError::Key {
+            origin: origin.to_string(),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// How the daemon authenticates to the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Anonymous access.
+    #[default]
+    None,
+    /// HTTP basic credentials: `username` and the password read from `password_file`.
+    Basic,
+    /// SPCS: username `0auth2accesstoken`, password = the content of `token_file`,
+    /// re-read whenever a token is fetched and after every 401.
+    Spcs,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Text on a terminal, JSON lines otherwise (SPCS sends stdout to the event table).
+    #[default]
+    Auto,
+    /// Human-readable text.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The file as written, before validation. Field names are the config keys.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    /// `[registry]`
+    pub registry: RawRegistry,
+    /// `[schedule]`
+    pub schedule: RawSchedule,
+    /// `[scanner]`
+    pub scanner: RawScanner,
+    /// `[vulndb]`
+    pub vulndb: RawVulnDb,
+    /// `[state]`
+    pub state: RawState,
+    /// `[output]`
+    pub output: RawOutput,
+    /// `[log]`
+    pub log: RawLog,
+}
+
+/// `[registry]` as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRegistry {
+    pub url: String,
+    pub auth: AuthMode,
+    pub username: String,
+    pub password_file: String,
+    pub token_file: String,
+    pub allow_insecure_http: bool,
+    pub repositories: Vec<String>,
+    pub image_repositories: Vec<String>,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    pub tags_include: Vec<String>,
+    pub tags_exclude: Vec<String>,
+    pub max_tags_per_repository: i64,
+    pub platform: String,
+    pub concurrency: i64,
+    pub request_timeout: String,
+    pub max_retries: i64,
+}
+
+impl Default for RawRegistry {
+    fn default() -> Self {
+        RawRegistry {
+            url: String::new(),
+            auth: AuthMode::None,
+            username: String::new(),
+            password_file: String::new(),
+            token_file: SPCS_TOKEN_FILE.to_string(),
+            allow_insecure_http: false,
+            repositories: Vec::new(),
+            image_repositories: Vec::new(),
+            include: vec!["**".to_string()],
+            exclude: Vec::new(),
+            tags_include: vec!["*".to_string()],
+            tags_exclude: Vec::new(),
+            max_tags_per_repository: 1000,
+            platform: "linux/amd64".to_string(),
+            concurrency: 16,
+            request_timeout: "30s".to_string(),
+            max_retries: 3,
+        }
+    }
+}
+
+/// `[schedule]` as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSchedule {
+    pub cron: String,
+}
+
+impl Default for RawSchedule {
+    fn default() -> Self {
+        RawSchedule {
+            cron: "0 */5 * * * *".to_string(),
+        }
+    }
+}
+
+/// `[scanner]` as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawScanner {
+    pub syft: String,
+    pub grype: String,
+    pub concurrency: i64,
+    pub timeout: String,
+    pub retry_initial: String,
+    pub retry_max: String,
+}
+
+impl Default for RawScanner {
+    fn default() -> Self {
+        RawScanner {
+            syft: "syft".to_string(),
+            grype: "grype".to_string(),
+            concurrency: 2,
+            timeout: "30m".to_string(),
+            retry_initial: "5m".to_string(),
+            retry_max: "6h".to_string(),
+        }
+    }
+}
+
+/// `[vulndb]` as written.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawVulnDb {
+    pub cache_dir: String,
+}
+
+/// `[state]` as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawState {
+    pub dir: String,
+}
+
+impl Default for RawState {
+    fn default() -> Self {
+        RawState {
+            dir: "/state".to_string(),
+        }
+    }
+}
+
+/// `[output]` as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawOutput {
+    pub dir: String,
+}
+
+impl Default for RawOutput {
+    fn default() -> Self {
+        RawOutput {
+            dir: "/output".to_string(),
+        }
+    }
+}
+
+/// `[log]` as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            format: LogFormat::Auto,
+            level: "info".to_string(),
+        }
+    }
+}
+
+/// The validated configuration the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (for messages).
+    pub source: PathBuf,
+    /// What was read, after environment overrides (for `check-config`).
+    pub raw: RawConfig,
+    pub registry: RegistryConfig,
+    pub schedule: ScheduleConfig,
+    pub scanner: ScannerConfig,
+    pub vulndb: VulnDbConfig,
+    pub state_dir: PathBuf,
+    pub output_dir: PathBuf,
+    pub log: LogConfig,
+}
+
+/// Where and how to reach the registry, and what to watch in it.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// `scheme://host[:port]`, no path, no trailing slash.
+    pub base_url: Url,
+    /// `host[:port]` as used in image references (`registry:<host>/<repo>@<digest>`).
+    pub host: String,
+    /// The registry is reached over plain HTTP.
+    pub plain_http: bool,
+    pub auth: AuthConfig,
+    pub repositories: Vec<String>,
+    pub image_repositories: Vec<String>,
+    pub include: Filter,
+    pub exclude: Filter,
+    pub tags_include: Filter,
+    pub tags_exclude: Filter,
+    pub max_tags_per_repository: usize,
+    pub platform: Platform,
+    pub concurrency: usize,
+    pub request_timeout: Duration,
+    pub max_retries: u32,
+}
+
+/// Credentials source; the secret itself stays in its file until needed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthConfig {
+    None,
+    Basic {
+        username: String,
+        password_file: PathBuf,
+    },
+    Spcs {
+        token_file: PathBuf,
+    },
+}
+
+/// A compiled set of globs, with the patterns kept for display.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    pub patterns: Vec<String>,
+    set: GlobSet,
+}
+
+impl Filter {
+    fn new(
+        origin: &str,
+        key: &str,
+        patterns: &[String],
+        literal_separator: bool,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = GlobSetBuilder::new();
+        for pattern in patterns {
+            let glob = globset::GlobBuilder::new(pattern)
+                .literal_separator(literal_separator)
+                .build()
+                .map_err(|e| {
+                    ConfigError::key(origin, key, format!("invalid glob {pattern:?}: {e}"))
+                })?;
+            builder.add(glob);
+        }
+        let set = builder
+            .build()
+            .map_err(|e| ConfigError::key(origin, key, e.to_string()))?;
+        Ok(Filter {
+            patterns: patterns.to_vec(),
+            set,
+        })
+    }
+
+    /// A filter from patterns known to be valid (tests, defaults).
+    pub fn from_patterns(patterns: &[&str]) -> Self {
+        let owned: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
+        let mut builder = GlobSetBuilder::new();
+        for p in &owned {
+            if let Ok(g) = Glob::new(p) {
+                builder.add(g);
+            }
+        }
+        Filter {
+            patterns: owned,
+            set: builder.build().unwrap_or_else(|_| GlobSet::empty()),
+        }
+    }
+
+    /// True when any pattern matches.
+    pub fn matches(&self, name: &str) -> bool {
+        self.set.is_match(name)
+    }
+
+    /// True when there are no patterns.
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
+    }
+}
+
+/// The platform an index is resolved to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Platform {
+    /// Parses `os/arch[/variant]`.
+    pub fn parse(text: &str) -> Option<Platform> {
+        let parts: Vec<&str> = text.split('/').collect();
+        let valid =
+            |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        match parts.as_slice() {
+            [os, arch] if valid(os) && valid(arch) => Some(Platform {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: None,
+            }),
+            [os, arch, variant] if valid(os) && valid(arch) && valid(variant) => Some(Platform {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: Some(variant.to_string()),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// `[schedule]`, validated.
+#[derive(Debug, Clone)]
+pub struct ScheduleConfig {
+    pub cron: String,
+}
+
+/// `[scanner]`, validated.
+#[derive(Debug, Clone)]
+pub struct ScannerConfig {
+    pub syft: PathBuf,
+    /// `None` means SBOM-only mode: inventory and SBOMs, no vulnerability matching.
+    pub grype: Option<PathBuf>,
+    pub concurrency: usize,
+    pub timeout: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
+/// `[vulndb]`, validated.
+#[derive(Debug, Clone)]
+pub struct VulnDbConfig {
+    /// grype's `GRYPE_DB_CACHE_DIR`; `None` keeps grype's default (`~/.cache/grype/db`).
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// `[log]`, validated.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// The environment the config is resolved against: override variables and the
+/// SPCS variables used to derive the registry URL. A seam for tests.
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    vars: BTreeMap<String, String>,
+}
+
+impl Environment {
+    /// The process environment.
+    pub fn from_process() -> Self {
+        Environment {
+            vars: std::env::vars().collect(),
+        }
+    }
+
+    /// An explicit environment.
+    pub fn from_pairs<I, K, V>(pairs: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        Environment {
+            vars: pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.vars.get(name).map(String::as_str)
+    }
+}
+
+impl Config {
+    /// Reads, overrides from the environment, and validates. A missing file is an
+    /// error unless `allow_missing` (then the defaults plus environment are used).
+    pub fn load(path: &Path, env: &Environment) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(path, &text, env)
+    }
+
+    /// Parses TOML text as if read from `path`.
+    pub fn from_toml(path: &Path, text: &str, env: &Environment) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: e.to_string().trim_end().to_string(),
+                })?;
+        apply_env_overrides(&mut table, env)?;
+        let raw: RawConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = e.path().to_string();
+                let inner = e.into_inner();
+                ConfigError::key(&origin, &key, inner.message().to_string())
+            })?;
+        Self::validate(path, raw, env)
+    }
+
+    /// Validates every key of `raw`.
+    pub fn validate(path: &Path, raw: RawConfig, env: &Environment) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
+        let o = origin.as_str();
+        let r = &raw.registry;
+
+        let auth = match r.auth {
+            AuthMode::None => AuthConfig::None,
+            AuthMode::Basic => {
+                if r.username.trim().is_empty() {
+                    return Err(ConfigError::key(
+                        o,
+                        "registry.username",
+                        "required when auth = \"basic\"",
+                    ));
+                }
+                if r.password_file.trim().is_empty() {
+                    return Err(ConfigError::key(
+                        o,
+                        "registry.password_file",
+                        "required when auth = \"basic\" (a file holding the password; the password itself never goes in the config)",
+                    ));
+                }
+                let password_file = PathBuf::from(&r.password_file);
+                check_readable_file(o, "registry.password_file", &password_file)?;
+                AuthConfig::Basic {
+                    username: r.username.clone(),
+                    password_file,
+                }
+            }
+            AuthMode::Spcs => {
+                if r.token_file.trim().is_empty() {
+                    return Err(ConfigError::key(
+                        o,
+                        "registry.token_file",
+                        "required when auth = \"spcs\"",
+                    ));
+                }
+                let token_file = PathBuf::from(&r.token_file);
+                check_readable_file(o, "registry.token_file", &token_file)?;
+                AuthConfig::Spcs { token_file }
+            }
+        };
+
+        let url_text = if r.url.trim().is_empty() {
+            if r.auth == AuthMode::Spcs {
+                spcs_registry_url(env).ok_or_else(|| {
+                    ConfigError::key(
+                        o,
+                        "registry.url",
+                        "empty, and ORGNAME/ACCOUNTNAME are not both set to derive https://<org>-<account>.registry-local.snowflakecomputing.com",
+                    )
+                })?
+            } else {
+                return Err(ConfigError::key(
+                    o,
+                    "registry.url",
+                    "required (e.g. \"http://127.0.0.1:5000\")",
+                ));
+            }
+        } else {
+            r.url.trim().to_string()
+        };
+        let (base_url, host, plain_http) = parse_registry_url(o, &url_text, r.allow_insecure_http)?;
+
+        for (key, list) in [
+            ("registry.repositories", &r.repositories),
+            ("registry.image_repositories", &r.image_repositories),
+        ] {
+            for name in list {
+                if !crate::registry::is_valid_repository_name(name) {
+                    return Err(ConfigError::key(
+                        o,
+                        key,
+                        format!(
+                            "{name:?} is not a valid repository name (lowercase path components of [a-z0-9._-], separated by '/')"
+                        ),
+                    ));
+                }
+            }
+        }
+
+        let platform = Platform::parse(&r.platform).ok_or_else(|| {
+            ConfigError::key(
+                o,
+                "registry.platform",
+                format!(
+                    "{:?} is not os/arch[/variant], e.g. \"linux/amd64\"",
+                    r.platform
+                ),
+            )
+        })?;
+
+        let registry = RegistryConfig {
+            base_url,
+            host,
+            plain_http,
+            auth,
+            repositories: r.repositories.clone(),
+            image_repositories: r.image_repositories.clone(),
+            include: Filter::new(o, "registry.include", &r.include, false)?,
+            exclude: Filter::new(o, "registry.exclude", &r.exclude, false)?,
+            tags_include: Filter::new(o, "registry.tags_include", &r.tags_include, false)?,
+            tags_exclude: Filter::new(o, "registry.tags_exclude", &r.tags_exclude, false)?,
+            max_tags_per_repository: positive(
+                o,
+                "registry.max_tags_per_repository",
+                r.max_tags_per_repository,
+                1_000_000,
+            )?,
+            platform,
+            concurrency: positive(o, "registry.concurrency", r.concurrency, 1024)?,
+            request_timeout: duration(o, "registry.request_timeout", &r.request_timeout)?,
+            max_retries: non_negative(o, "registry.max_retries", r.max_retries, 20)?,
+        };
+
+        let cron = raw.schedule.cron.trim().to_string();
+        validate_cron(o, &cron)?;
+
+        let s = &raw.scanner;
+        if s.syft.trim().is_empty() {
+            return Err(ConfigError::key(
+                o,
+                "scanner.syft",
+                "required: the syft executable (a name on PATH or a path)",
+            ));
+        }
+        let scanner = ScannerConfig {
+            syft: PathBuf::from(s.syft.trim()),
+            grype: if s.grype.trim().is_empty() {
+                None
+            } else {
+                Some(PathBuf::from(s.grype.trim()))
+            },
+            concurrency: positive(o, "scanner.concurrency", s.concurrency, 256)?,
+            timeout: duration(o, "scanner.timeout", &s.timeout)?,
+            retry_initial: duration(o, "scanner.retry_initial", &s.retry_initial)?,
+            retry_max: duration(o, "scanner.retry_max", &s.retry_max)?,
+        };
+        if scanner.retry_max < scanner.retry_initial {
+            return Err(ConfigError::key(
+                o,
+                "scanner.retry_max",
+                "must not be shorter than scanner.retry_initial",
+            ));
+        }
+
+        let vulndb = VulnDbConfig {
+            cache_dir: if raw.vulndb.cache_dir.trim().is_empty() {
+                None
+            } else {
+                Some(PathBuf::from(raw.vulndb.cache_dir.trim()))
+            },
+        };
+
+        let state_dir = required_dir(o, "state.dir", &raw.state.dir)?;
+        let output_dir = required_dir(o, "output.dir", &raw.output.dir)?;
+        if state_dir == output_dir {
+            return Err(ConfigError::key(
+                o,
+                "output.dir",
+                "must differ from state.dir",
+            ));
+        }
+
+        let level = raw.log.level.trim().to_string();
+        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+            return Err(ConfigError::key(
+                o,
+                "log.level",
+                format!(
+                    "{level:?} is not a level or filter (e.g. \"info\", \"debug\", \"spcs_image_scanner=debug\")"
+                ),
+            ));
+        }
+
+        Ok(Config {
+            source: path.to_path_buf(),
+            registry,
+            schedule: ScheduleConfig { cron },
+            scanner,
+            vulndb,
+            state_dir,
+            output_dir,
+            log: LogConfig {
+                format: raw.log.format,
+                level,
+            },
+            raw,
+        })
+    }
+
+    /// The effective configuration as TOML, for `check-config`. Holds no secret: the
+    /// config refers to secret files and never contains their content.
+    pub fn effective_toml(&self) -> String {
+        let mut raw = self.raw.clone();
+        raw.registry.url = self
+            .registry
+            .base_url
+            .as_str()
+            .trim_end_matches('/')
+            .to_string();
+        toml::to_string_pretty(&raw).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+fn check_readable_file(origin: &str, key: &str, path: &Path) -> Result<(), ConfigError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(ConfigError::key(
+            origin,
+            key,
+            format!("{} is not a file", path.display()),
+        )),
+        Err(e) => Err(ConfigError::key(
+            origin,
+            key,
+            format!("{}: {e}", path.display()),
+        )),
+    }
+}
+
+fn required_dir(origin: &str, key: &str, value: &str) -> Result<PathBuf, ConfigError> {
+    if value.trim().is_empty() {
+        return Err(ConfigError::key(origin, key, "required: a directory"));
+    }
+    Ok(PathBuf::from(value.trim()))
+}
+
+fn positive(origin: &str, key: &str, value: i64, max: i64) -> Result<usize, ConfigError> {
+    if value < 1 || value > max {
+        return Err(ConfigError::key(
+            origin,
+            key,
+            format!("{value} is out of range: must be 1..={max}"),
+        ));
+    }
+    Ok(value as usize)
+}
+
+fn non_negative(origin: &str, key: &str, value: i64, max: i64) -> Result<u32, ConfigError> {
+    if value < 0 || value > max {
+        return Err(ConfigError::key(
+            origin,
+            key,
+            format!("{value} is out of range: must be 0..={max}"),
+        ));
+    }
+    Ok(value as u32)
+}
+
+fn duration(origin: &str, key: &str, value: &str) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(value.trim()).map_err(|e| {
+        ConfigError::key(
+            origin,
+            key,
+            format!("{value:?} is not a duration ({e}); use e.g. \"30s\", \"5m\", \"1h\""),
+        )
+    })?;
+    if d.is_zero() {
+        return Err(ConfigError::key(origin, key, "must be longer than zero"));
+    }
+    Ok(d)
+}
+
+fn validate_cron(origin: &str, cron: &str) -> Result<(), ConfigError> {
+    let parsed = croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
+        .build()
+        .parse(cron);
+    if let Err(e) = parsed {
+        return Err(ConfigError::key(
+            origin,
+            "schedule.cron",
+            format!("{cron:?}: {e}; expected 6 fields with seconds first, e.g. \"0 */5 * * * *\""),
+        ));
+    }
+    // The scheduler parses again with its own options; make sure it agrees.
+    tokio_cron_scheduler::Job::new_async(cron, |_, _| Box::pin(async {})).map_err(|_| {
+        ConfigError::key(
+            origin,
+            "schedule.cron",
+            format!("{cron:?} is not accepted by the scheduler"),
+        )
+    })?;
+    Ok(())
+}
+
+/// `https://<org>-<account>.registry-local.snowflakecomputing.com` from `ORGNAME` and
+/// `ACCOUNTNAME`: lowercase, `_` replaced by `-` (hostnames cannot hold `_`).
+pub fn spcs_registry_url(env: &Environment) -> Option<String> {
+    let org = env.get("ORGNAME")?.trim();
+    let account = env.get("ACCOUNTNAME")?.trim();
+    if org.is_empty() || account.is_empty() {
+        return None;
+    }
+    let norm = |s: &str| s.to_ascii_lowercase().replace('_', "-");
+    Some(format!(
+        "https://{}-{}.registry-local.snowflakecomputing.com",
+        norm(org),
+        norm(account)
+    ))
+}
+
+fn parse_registry_url(
+    origin: &str,
+    text: &str,
+    allow_insecure_http: bool,
+) -> Result<(Url, String, bool), ConfigError> {
+    let key = "registry.url";
+    let url = Url::parse(text)
+        .map_err(|e| ConfigError::key(origin, key, format!("{text:?} is not a URL ({e})")))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ConfigError::key(
+            origin,
+            key,
+            "must not carry credentials; use registry.username and registry.password_file",
+        ));
+    }
+    let plain_http = match url.scheme() {
+        "https" => false,
+        "http" => true,
+        other => {
+            return Err(ConfigError::key(
+                origin,
+                key,
+                format!("scheme {other:?} is not http or https"),
+            ));
+        }
+    };
+    let host = url
+        .host_str()
+        .ok_or_else(|| ConfigError::key(origin, key, "has no host"))?
+        .to_string();
+    if url.path() != "/" && !url.path().is_empty() {
+        return Err(ConfigError::key(
+            origin,
+            key,
+            format!(
+                "must be scheme://host[:port] without a path, got path {:?}",
+                url.path()
+            ),
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(ConfigError::key(
+            origin,
+            key,
+            "must not have a query or fragment",
+        ));
+    }
+    if plain_http && !allow_insecure_http && !is_loopback_host(&host) {
+        return Err(ConfigError::key(
+            origin,
+            key,
+            format!(
+                "plain http to non-loopback host {host:?} is refused; use https, or set registry.allow_insecure_http = true"
+            ),
+        ));
+    }
+    let authority = match url.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.clone(),
+    };
+    let mut base = url.clone();
+    base.set_path("");
+    Ok((base, authority, plain_http))
+}
+
+/// True for `localhost`, 127.0.0.0/8 and ::1.
+pub fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    if h.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    h.parse::<IpAddr>()
+        .map(|ip| ip.is_loopback())
+        .unwrap_or(false)
+}
+
+/// Applies `SCANNER__SECTION__KEY=value` variables. The value is read according to
+/// the type the key has in the defaults: strings verbatim, numbers and booleans parsed,
+/// lists as a TOML array (`["a","b"]`) or comma-separated.
+fn apply_env_overrides(table: &mut toml::Table, env: &Environment) -> Result<(), ConfigError> {
+    let defaults = toml::Table::try_from(RawConfig::default()).unwrap_or_default();
+    for (name, value) in &env.vars {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let parts: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        let key = parts.join(".");
+        let [section, field] = parts.as_slice() else {
+            return Err(ConfigError::key(
+                name,
+                &key,
+                "expected SCANNER__<SECTION>__<KEY>, e.g. SCANNER__REGISTRY__URL",
+            ));
+        };
+        let Some(default) = defaults.get(section).and_then(|s| s.get(field)) else {
+            return Err(ConfigError::key(name, &key, "unknown key"));
+        };
+        let parsed =
+            parse_env_value(default, value).map_err(|m| ConfigError::key(name, &key, m))?;
+        let section_table = table
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match section_table {
+            toml::Value::Table(t) => {
+                t.insert(field.clone(), parsed);
+            }
+            _ => {
+                return Err(ConfigError::key(
+                    name,
+                    section,
+                    "is not a table in the config file",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_env_value(default: &toml::Value, value: &str) -> Result<toml::Value, String> {
+    match default {
+        toml::Value::String(_) => Ok(toml::Value::String(value.to_string())),
+        toml::Value::Integer(_) => value
+            .trim()
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .map_err(|_| format!("{value:?} is not an integer")),
+        toml::Value::Boolean(_) => match value.trim() {
+            "true" => Ok(toml::Value::Boolean(true)),
+            "false" => Ok(toml::Value::Boolean(false)),
+            _ => Err(format!("{value:?} is not true or false")),
+        },
+        toml::Value::Array(_) => {
+            let v = value.trim();
+            if v.starts_with('[') {
+                let t: toml::Table = format!("v = {v}").parse().map_err(|e: toml::de::Error| {
+                    format!("{value:?} is not a TOML array: {}", e.message())
+                })?;
+                Ok(t.get("v")
+                    .cloned()
+                    .unwrap_or(toml::Value::Array(Vec::new())))
+            } else if v.is_empty() {
+                Ok(toml::Value::Array(Vec::new()))
+            } else {
+                Ok(toml::Value::Array(
+                    v.split(',')
+                        .map(|s| toml::Value::String(s.trim().to_string()))
+                        .collect(),
+                ))
+            }
+        }
+        _ => Err("cannot be set from the environment".to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_toml(
+            Path::new("test.toml"),
+            text,
+            &Environment::from_pairs(env.iter().copied()),
+        )
+    }
+
+    const MINIMAL: &str = "[registry]\nurl = \"http://127.0.0.1:5000\"\n[state]\ndir = \"/tmp/s\"\n[output]\ndir = \"/tmp/o\"\n";
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = load(MINIMAL, &[]).unwrap();
+        assert_eq!(c.registry.host, "127.0.0.1:5000");
+        assert!(c.registry.plain_http);
+        assert_eq!(c.registry.concurrency, 16);
+        assert_eq!(c.registry.max_tags_per_repository, 1000);
+        assert_eq!(c.registry.platform.to_string(), "linux/amd64");
+        assert_eq!(c.schedule.cron, "0 */5 * * * *");
+        assert_eq!(c.scanner.concurrency, 2);
+        assert_eq!(c.scanner.timeout, Duration::from_secs(1800));
+        assert_eq!(c.scanner.grype.as_deref(), Some(Path::new("grype")));
+        assert!(c.registry.include.matches("a/b/c"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = load(&format!("{MINIMAL}\n[scanner]\nconcurency = 3\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("scanner"), "{e}");
+        assert!(e.contains("concurency"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let e = load(
+            "[registry]\nurl = \"http://127.0.0.1:5000\"\nconcurrency = \"many\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("registry.concurrency"), "{e}");
+    }
+
+    #[test]
+    fn zero_and_negative_concurrency_are_refused() {
+        for v in ["0", "-3"] {
+            let e = load(
+                &format!(
+                    "[registry]\nurl = \"http://127.0.0.1:5000\"\n[scanner]\nconcurrency = {v}\n"
+                ),
+                &[],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("scanner.concurrency"), "{e}");
+        }
+    }
+
+    #[test]
+    fn bad_cron_is_named() {
+        let e = load(
+            &format!("{MINIMAL}[schedule]\ncron = \"*/5 * * * *\"\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("schedule.cron"), "{e}");
+    }
+
+    #[test]
+    fn plain_http_to_remote_host_needs_opt_in() {
+        let e = load("[registry]\nurl = \"http://registry.example.com\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("registry.url") && e.contains("allow_insecure_http"),
+            "{e}"
+        );
+        let ok = load(
+            "[registry]\nurl = \"http://registry.example.com\"\nallow_insecure_http = true\n",
+            &[],
+        )
+        .unwrap();
+        assert!(ok.registry.plain_http);
+    }
+
+    #[test]
+    fn credentials_in_url_are_refused() {
+        let e = load(
+            "[registry]\nurl = \"https://u:secret@r.example.com\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("registry.url"), "{e}");
+        assert!(!e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_by_type() {
+        let c = load(
+            MINIMAL,
+            &[
+                ("SCANNER__REGISTRY__URL", "http://127.0.0.1:6000"),
+                ("SCANNER__REGISTRY__CONCURRENCY", "4"),
+                ("SCANNER__REGISTRY__INCLUDE", "team/**, other/*"),
+                ("SCANNER__REGISTRY__TAGS_INCLUDE", "[\"v*\"]"),
+                ("SCANNER__SCANNER__GRYPE", ""),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.registry.host, "127.0.0.1:6000");
+        assert_eq!(c.registry.concurrency, 4);
+        assert_eq!(c.registry.include.patterns, vec!["team/**", "other/*"]);
+        assert_eq!(c.registry.tags_include.patterns, vec!["v*"]);
+        assert!(c.scanner.grype.is_none());
+    }
+
+    #[test]
+    fn env_override_errors_name_the_variable() {
+        let e = load(MINIMAL, &[("SCANNER__REGISTRY__CONCURRENCY", "lots")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("SCANNER__REGISTRY__CONCURRENCY") && e.contains("registry.concurrency"),
+            "{e}"
+        );
+        let e = load(MINIMAL, &[("SCANNER__REGISTRY__NOPE", "1")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("registry.nope") && e.contains("unknown"), "{e}");
+    }
+
+    #[test]
+    fn spcs_url_is_derived_from_org_and_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t").unwrap();
+        let text = format!(
+            "[registry]\nauth = \"spcs\"\ntoken_file = {:?}\n",
+            token.display().to_string()
+        );
+        let c = load(
+            &text,
+            &[("ORGNAME", "MyOrg"), ("ACCOUNTNAME", "My_Account")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.registry.host,
+            "myorg-my-account.registry-local.snowflakecomputing.com"
+        );
+        assert!(!c.registry.plain_http);
+        let e = load(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains("registry.url") && e.contains("ORGNAME"), "{e}");
+    }
+
+    #[test]
+    fn missing_token_file_in_spcs_mode_is_named() {
+        let e = load("[registry]\nurl = \"https://r.example.com\"\nauth = \"spcs\"\ntoken_file = \"/nonexistent/token\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("registry.token_file"), "{e}");
+    }
+
+    #[test]
+    fn basic_auth_needs_username_and_password_file() {
+        let e = load(
+            "[registry]\nurl = \"https://r.example.com\"\nauth = \"basic\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("registry.username"), "{e}");
+        let e = load(
+            "[registry]\nurl = \"https://r.example.com\"\nauth = \"basic\"\nusername = \"u\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("registry.password_file"), "{e}");
+    }
+
+    #[test]
+    fn bad_auth_mode_lists_accepted_values() {
+        let e = load(
+            "[registry]\nurl = \"https://r.example.com\"\nauth = \"token\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("registry.auth") && e.contains("spcs"), "{e}");
+    }
+
+    #[test]
+    fn shipped_configs_parse() {
+        for file in ["config/scanner.toml", "config/local.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            let text = std::fs::read_to_string(&path).unwrap();
+            let table: toml::Table = text.parse().unwrap();
+            let raw: RawConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
+                .unwrap_or_else(|e| panic!("{file}: {e}"));
+            if file.ends_with("local.toml") {
+                Config::validate(&path, raw, &Environment::default())
+                    .unwrap_or_else(|e| panic!("{file}: {e}"));
+            } else {
+                assert_eq!(raw.registry.auth, AuthMode::Spcs);
+                assert_eq!(raw.registry.token_file, SPCS_TOKEN_FILE);
+            }
+        }
+    }
+}

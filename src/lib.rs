@@ -1,0 +1,34 @@
+//! `spcs-image-scanner`: a daemon that watches an OCI registry (in Snowpark Container
+//! Services, the account's `registry-local`), notices new or changed images by manifest
+//! digest, and scans only those with syft (SBOM) and grype (vulnerabilities).
+//!
+//! How a tag becomes a scan, module by module:
+//!
+//! | module | job |
+//! |---|---|
+//! | [`config`] | TOML + `SCANNER__*` environment, validated before anything starts |
+//! | [`registry`] | catalog and tag listing, manifest HEAD/GET, auth (none, basic, SPCS token file) |
+//! | [`registry::manifest`] | index → platform image; signatures, charts, artifacts → `unsupported` |
+//! | [`state`] | the sled store: tags, digests, statuses, history |
+//! | [`watcher`] | one pass: list, HEAD, diff against the store, inventory record, due digests |
+//! | [`worker`] | one digest: scan, write result files, commit state (crash-safe order) |
+//! | [`scanner`] | syft and grype as child processes (explicit env, timeout, process group) |
+//! | [`output`] | write-once result files under `output.dir` (a stage mount in SPCS) |
+//! | [`daemon`] | start-up recovery, cycles on a cron schedule, graceful stop |
+//! | [`shutdown`] | signals → one cancellation token; a second signal forces |
+//! | [`logging`] | text on a terminal, JSON lines otherwise |
+//!
+//! Data flows one way: schedule tick → watcher pass → due digests → worker → result
+//! files → state. State is committed only after the file it refers to is complete.
+
+pub mod config;
+pub mod daemon;
+pub mod digest;
+pub mod logging;
+pub mod output;
+pub mod registry;
+pub mod scanner;
+pub mod shutdown;
+pub mod state;
+pub mod watcher;
+pub mod worker;

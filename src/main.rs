@@ -1,0 +1,129 @@
+//! The `spcs-image-scanner` binary: parses the command line, loads the config, starts
+//! logging and calls into the library. The only place that prints the final error and
+//! picks the exit code: 0 ok, 1 a runtime failure (or a failed scan in `once`), 64 bad
+//! config or usage, 130 forced stop.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use spcs_image_scanner::config::{Config, Environment};
+use spcs_image_scanner::daemon::Daemon;
+use spcs_image_scanner::scanner::error_chain;
+use spcs_image_scanner::{logging, shutdown};
+
+const EXIT_FAILURE: u8 = 1;
+const EXIT_USAGE: u8 = 64;
+const EXIT_FORCED: u8 = 130;
+
+/// Watches an OCI registry and scans new or changed images with syft and grype.
+#[derive(Debug, Parser)]
+#[command(name = "spcs-image-scanner", version)]
+struct Cli {
+    /// Config file (TOML). Keys can be overridden with SCANNER__SECTION__KEY variables.
+    #[arg(
+        long,
+        global = true,
+        env = "SPCS_IMAGE_SCANNER_CONFIG",
+        default_value = "config/scanner.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon: a cycle at start-up, then on schedule.cron, until SIGTERM/SIGINT.
+    Run,
+    /// Run one cycle with its scans, then exit: 0 if every scan succeeded, 1 if any failed.
+    Once,
+    /// Validate the config and print the effective values (it holds no secret).
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let config = match Config::load(&cli.config, &Environment::from_process()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Command::CheckConfig = cli.command {
+        print!("{}", config.effective_toml());
+        println!("# {}: OK", config.source.display());
+        return ExitCode::SUCCESS;
+    }
+    logging::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    runtime.block_on(async_main(cli.command, config))
+}
+
+async fn async_main(command: Command, config: Config) -> ExitCode {
+    let root = CancellationToken::new();
+    let forced = match shutdown::listen(root.clone()) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let work = async {
+        let daemon = match Daemon::open(config).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "cannot start");
+                return ExitCode::from(if e.is_setup_error() {
+                    EXIT_USAGE
+                } else {
+                    EXIT_FAILURE
+                });
+            }
+        };
+        match command {
+            Command::Run => match daemon.run(root.clone()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %error_chain(&e), "daemon stopped on an error");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            },
+            Command::Once => {
+                let result = daemon.cycle(&root).await;
+                let _ = daemon.store().flush().await;
+                match result {
+                    Ok(summary) if summary.failed == 0 && !root.is_cancelled() => ExitCode::SUCCESS,
+                    _ => ExitCode::from(EXIT_FAILURE),
+                }
+            }
+            Command::CheckConfig => ExitCode::SUCCESS,
+        }
+    };
+    tokio::select! {
+        code = work => code,
+        _ = forced => ExitCode::from(EXIT_FORCED),
+    }
+}

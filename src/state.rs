@@ -1,0 +1,601 @@
+//! The state store: what the daemon knows about tags and digests, in sled under
+//! `state.dir/db`.
+//!
+//! Everything sled-specific stays in this module (open, get, atomic batch, prefix scan,
+//! flush), so the engine can be swapped. Keys:
+//! - `meta/schema` → the schema version ([`SCHEMA_VERSION`]);
+//! - `tag/<repository>\0<tag>` → [`TagRecord`];
+//! - `img/<digest>` → [`ImageRecord`] (what is scanned, or recorded as unsupported);
+//! - `idx/<digest>` → [`IndexRecord`] (an index resolved to its platform child).
+//!
+//! Invariants:
+//! - A batch is applied atomically and flushed before [`Store::commit`] returns: sled
+//!   buffers writes for up to 500 ms, and a crash must not lose a committed change.
+//! - One process per store (sled's file lock): a second opener gets
+//!   [`StateError::Locked`].
+//! - A store written by a newer schema is refused, never rewritten.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+
+/// Version of the record layout. Bump it, and migrate in [`Store::open`], when a change
+/// would make old records unreadable.
+pub const SCHEMA_VERSION: u32 = 1;
+
+const SCHEMA_KEY: &[u8] = b"meta/schema";
+const TAG_PREFIX: &str = "tag/";
+const IMAGE_PREFIX: &str = "img/";
+const INDEX_PREFIX: &str = "idx/";
+
+/// Previous digests kept per tag, newest first.
+pub const MAX_TAG_HISTORY: usize = 50;
+
+/// The store could not be opened or used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Another process holds the store.
+    #[error(
+        "state {path}: locked by another process (is another spcs-image-scanner running on this state.dir?)"
+    )]
+    Locked { path: PathBuf },
+    /// sled failed (I/O, corruption).
+    #[error("state {path}: storage error")]
+    Storage {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    /// The store was written by a newer version.
+    #[error(
+        "state {path}: schema version {found} is newer than this build understands ({SCHEMA_VERSION}); upgrade spcs-image-scanner"
+    )]
+    NewerSchema { path: PathBuf, found: u32 },
+    /// A record does not parse.
+    #[error("state {path}: record {key} is corrupt")]
+    Corrupt {
+        path: PathBuf,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The state directory cannot be created.
+    #[error("state {path}: cannot create directory")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where a digest is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageStatus {
+    /// Known, not scanned yet.
+    Pending,
+    /// A scan is running (left so by a crash: back to `Pending` at start-up).
+    Scanning,
+    /// Scanned; `last_scan` says with what.
+    Scanned,
+    /// The last scan failed; retried after `next_retry`.
+    Failed,
+    /// Not a runnable image (signature, attestation, chart ...); never scanned.
+    Unsupported,
+}
+
+impl ImageStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageStatus::Pending => "pending",
+            ImageStatus::Scanning => "scanning",
+            ImageStatus::Scanned => "scanned",
+            ImageStatus::Failed => "failed",
+            ImageStatus::Unsupported => "unsupported",
+        }
+    }
+}
+
+/// Whether a scan matched vulnerabilities or only produced an SBOM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScanMode {
+    /// syft then grype.
+    Full,
+    /// syft only (`scanner.grype = ""`): inventory and SBOM, no matching.
+    SbomOnly,
+}
+
+/// One finished scan of a digest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScanRecord {
+    pub finished_at: DateTime<Utc>,
+    pub mode: ScanMode,
+    pub syft_version: String,
+    pub grype_version: Option<String>,
+    /// grype's DB build time (RFC 3339), when known.
+    pub db_build: Option<String>,
+    pub db_schema: Option<String>,
+    /// The grype document, relative to `output.dir`; `None` in SBOM-only mode.
+    pub result_file: Option<String>,
+    /// The SBOM, relative to `output.dir`.
+    pub sbom_file: String,
+    pub packages: usize,
+    pub matches: usize,
+    /// Matches per severity (`Critical`, `High`, ...).
+    pub severities: BTreeMap<String, usize>,
+}
+
+/// A result file being written: recorded before the copy starts so that a crash during
+/// it is recognised at start-up (adopt the file if complete, delete it if not).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingWrite {
+    /// Relative to `output.dir`.
+    pub path: String,
+    pub sha256: String,
+    pub size: u64,
+    pub scan: ScanRecord,
+}
+
+/// What the daemon knows about one digest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub digest: Digest,
+    pub status: ImageStatus,
+    pub media_type: String,
+    /// The platform it was resolved for, when it came from an index.
+    pub platform: Option<String>,
+    /// `repository:tag` currently pointing at it (directly or through an index).
+    pub tags: BTreeSet<String>,
+    /// Every repository it was seen in (a by-digest pull works from any of them).
+    pub repositories: BTreeSet<String>,
+    /// Indexes that resolve to it.
+    pub index_digests: BTreeSet<Digest>,
+    pub unsupported_reason: Option<String>,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub next_retry: Option<DateTime<Utc>>,
+    pub first_seen: DateTime<Utc>,
+    pub last_scan: Option<ScanRecord>,
+    pub pending_write: Option<PendingWrite>,
+}
+
+impl ImageRecord {
+    /// A new record for a digest seen for the first time.
+    pub fn new(digest: Digest, media_type: String, now: DateTime<Utc>) -> Self {
+        ImageRecord {
+            digest,
+            status: ImageStatus::Pending,
+            media_type,
+            platform: None,
+            tags: BTreeSet::new(),
+            repositories: BTreeSet::new(),
+            index_digests: BTreeSet::new(),
+            unsupported_reason: None,
+            attempts: 0,
+            last_error: None,
+            next_retry: None,
+            first_seen: now,
+            last_scan: None,
+            pending_write: None,
+        }
+    }
+
+    /// True when this digest should be scanned now: never scanned (or failed and due),
+    /// and still referenced by a tag.
+    pub fn is_due(&self, now: DateTime<Utc>) -> bool {
+        if self.tags.is_empty() {
+            return false;
+        }
+        match self.status {
+            ImageStatus::Pending => true,
+            ImageStatus::Failed => self.next_retry.is_none_or(|t| t <= now),
+            ImageStatus::Scanning | ImageStatus::Scanned | ImageStatus::Unsupported => false,
+        }
+    }
+}
+
+/// A previous target of a tag.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreviousDigest {
+    pub digest: Digest,
+    pub image_digest: Digest,
+    /// When the tag moved away from it.
+    pub until: DateTime<Utc>,
+}
+
+/// What a `repository:tag` points at, and what it pointed at before.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TagRecord {
+    pub repository: String,
+    pub tag: String,
+    /// What the tag points at (`Docker-Content-Digest`): an image or an index.
+    pub digest: Digest,
+    /// The image that is scanned for it: `digest` itself, or the platform child of the
+    /// index (or the index itself when it has no usable child, recorded `unsupported`).
+    pub image_digest: Digest,
+    /// Set when resolved from an index.
+    pub platform: Option<String>,
+    pub first_seen: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub changed_at: DateTime<Utc>,
+    /// Newest first, at most [`MAX_TAG_HISTORY`].
+    pub previous: Vec<PreviousDigest>,
+}
+
+impl TagRecord {
+    /// `repository:tag`.
+    pub fn reference(&self) -> String {
+        tag_ref(&self.repository, &self.tag)
+    }
+}
+
+/// An index and the child chosen for the configured platform.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IndexRecord {
+    pub digest: Digest,
+    pub media_type: String,
+    pub platform: String,
+    /// `None` when the index has no image for the platform.
+    pub child: Option<Digest>,
+    pub first_seen: DateTime<Utc>,
+}
+
+/// `repository:tag` (neither part can hold `:`).
+pub fn tag_ref(repository: &str, tag: &str) -> String {
+    format!("{repository}:{tag}")
+}
+
+/// Splits `repository:tag`.
+pub fn split_tag_ref(reference: &str) -> Option<(&str, &str)> {
+    reference.rsplit_once(':')
+}
+
+/// Counts for status reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StatusCounts {
+    pub tags: usize,
+    pub images: BTreeMap<String, usize>,
+}
+
+/// The sled store.
+pub struct Store {
+    db: sled::Db,
+    path: PathBuf,
+}
+
+/// Changes applied together by [`Store::commit`].
+#[derive(Default)]
+pub struct Batch {
+    inner: sled::Batch,
+    len: usize,
+}
+
+impl Batch {
+    pub fn put_tag(&mut self, record: &TagRecord) {
+        self.put(tag_key(&record.repository, &record.tag), record);
+    }
+
+    pub fn remove_tag(&mut self, repository: &str, tag: &str) {
+        self.inner.remove(tag_key(repository, tag).into_bytes());
+        self.len += 1;
+    }
+
+    pub fn put_image(&mut self, record: &ImageRecord) {
+        self.put(format!("{IMAGE_PREFIX}{}", record.digest), record);
+    }
+
+    pub fn put_index(&mut self, record: &IndexRecord) {
+        self.put(format!("{INDEX_PREFIX}{}", record.digest), record);
+    }
+
+    /// Number of operations queued.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn put<T: Serialize>(&mut self, key: String, value: &T) {
+        // Serializing these plain structs cannot fail.
+        let bytes = serde_json::to_vec(value).unwrap_or_default();
+        self.inner.insert(key.into_bytes(), bytes);
+        self.len += 1;
+    }
+}
+
+fn tag_key(repository: &str, tag: &str) -> String {
+    format!("{TAG_PREFIX}{repository}\0{tag}")
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir/db` and checks its schema version.
+    pub fn open(dir: &Path) -> Result<Store, StateError> {
+        std::fs::create_dir_all(dir).map_err(|source| StateError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join("db");
+        let db = sled::Config::new().path(&path).open().map_err(|source| {
+            if source.to_string().contains("could not acquire lock") {
+                StateError::Locked { path: path.clone() }
+            } else {
+                StateError::Storage {
+                    path: path.clone(),
+                    source,
+                }
+            }
+        })?;
+        let store = Store { db, path };
+        match store.raw_get(SCHEMA_KEY)? {
+            None => {
+                store.raw_insert(SCHEMA_KEY, SCHEMA_VERSION.to_string().as_bytes())?;
+                store.flush_blocking()?;
+            }
+            Some(bytes) => {
+                let found: u32 = std::str::from_utf8(&bytes)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .ok_or_else(|| StateError::Corrupt {
+                        path: store.path.clone(),
+                        key: "meta/schema".into(),
+                        source: serde_json::from_str::<u32>("x").unwrap_err(),
+                    })?;
+                if found > SCHEMA_VERSION {
+                    return Err(StateError::NewerSchema {
+                        path: store.path.clone(),
+                        found,
+                    });
+                }
+                // Older versions: migrations go here when SCHEMA_VERSION is bumped.
+            }
+        }
+        Ok(store)
+    }
+
+    /// The schema version stored.
+    pub fn schema_version(&self) -> Result<u32, StateError> {
+        Ok(self
+            .raw_get(SCHEMA_KEY)?
+            .and_then(|b| {
+                std::str::from_utf8(&b)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+            })
+            .unwrap_or(0))
+    }
+
+    pub fn get_tag(&self, repository: &str, tag: &str) -> Result<Option<TagRecord>, StateError> {
+        self.get_json(&tag_key(repository, tag))
+    }
+
+    /// Tags of one repository.
+    pub fn tags_in(&self, repository: &str) -> Result<Vec<TagRecord>, StateError> {
+        self.scan_json(&format!("{TAG_PREFIX}{repository}\0"))
+    }
+
+    /// Every tag.
+    pub fn all_tags(&self) -> Result<Vec<TagRecord>, StateError> {
+        self.scan_json(TAG_PREFIX)
+    }
+
+    /// Repositories that have at least one tag recorded.
+    pub fn tagged_repositories(&self) -> Result<BTreeSet<String>, StateError> {
+        let mut out = BTreeSet::new();
+        for item in self.db.scan_prefix(TAG_PREFIX.as_bytes()).keys() {
+            let key = item.map_err(|source| self.storage(source))?;
+            let text = String::from_utf8_lossy(&key[TAG_PREFIX.len()..]).to_string();
+            if let Some((repo, _)) = text.split_once('\0') {
+                out.insert(repo.to_string());
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn get_image(&self, digest: &Digest) -> Result<Option<ImageRecord>, StateError> {
+        self.get_json(&format!("{IMAGE_PREFIX}{digest}"))
+    }
+
+    pub fn all_images(&self) -> Result<Vec<ImageRecord>, StateError> {
+        self.scan_json(IMAGE_PREFIX)
+    }
+
+    pub fn get_index(&self, digest: &Digest) -> Result<Option<IndexRecord>, StateError> {
+        self.get_json(&format!("{INDEX_PREFIX}{digest}"))
+    }
+
+    /// Tag and image counts per status.
+    pub fn counts(&self) -> Result<StatusCounts, StateError> {
+        let mut counts = StatusCounts {
+            tags: self.db.scan_prefix(TAG_PREFIX.as_bytes()).count(),
+            ..StatusCounts::default()
+        };
+        for image in self.all_images()? {
+            *counts
+                .images
+                .entry(image.status.as_str().to_string())
+                .or_default() += 1;
+        }
+        Ok(counts)
+    }
+
+    /// Applies `batch` atomically and flushes it to disk.
+    pub async fn commit(&self, batch: Batch) -> Result<(), StateError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.db
+            .apply_batch(batch.inner)
+            .map_err(|source| self.storage(source))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|source| self.storage(source))?;
+        Ok(())
+    }
+
+    /// Flushes everything written so far.
+    pub async fn flush(&self) -> Result<(), StateError> {
+        self.db
+            .flush_async()
+            .await
+            .map_err(|source| self.storage(source))?;
+        Ok(())
+    }
+
+    fn flush_blocking(&self) -> Result<(), StateError> {
+        self.db.flush().map_err(|source| self.storage(source))?;
+        Ok(())
+    }
+
+    fn storage(&self, source: sled::Error) -> StateError {
+        StateError::Storage {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn raw_get(&self, key: &[u8]) -> Result<Option<sled::IVec>, StateError> {
+        self.db.get(key).map_err(|source| self.storage(source))
+    }
+
+    fn raw_insert(&self, key: &[u8], value: &[u8]) -> Result<(), StateError> {
+        self.db
+            .insert(key, value)
+            .map_err(|source| self.storage(source))?;
+        Ok(())
+    }
+
+    fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StateError> {
+        match self.raw_get(key.as_bytes())? {
+            None => Ok(None),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|source| StateError::Corrupt {
+                        path: self.path.clone(),
+                        key: key.escape_debug().to_string(),
+                        source,
+                    })
+            }
+        }
+    }
+
+    fn scan_json<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, StateError> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(prefix.as_bytes()) {
+            let (key, value) = item.map_err(|source| self.storage(source))?;
+            let record = serde_json::from_slice(&value).map_err(|source| StateError::Corrupt {
+                path: self.path.clone(),
+                key: String::from_utf8_lossy(&key).escape_debug().to_string(),
+                source,
+            })?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(c: char) -> Digest {
+        Digest::parse(&format!("sha256:{}", c.to_string().repeat(64))).unwrap()
+    }
+
+    #[tokio::test]
+    async fn committed_records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = Utc::now();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let mut batch = Batch::default();
+            let mut img = ImageRecord::new(digest('a'), "m".into(), now);
+            img.tags.insert("demo/x:1".into());
+            batch.put_image(&img);
+            batch.put_tag(&TagRecord {
+                repository: "demo/x".into(),
+                tag: "1".into(),
+                digest: digest('a'),
+                image_digest: digest('a'),
+                platform: None,
+                first_seen: now,
+                last_seen: now,
+                changed_at: now,
+                previous: vec![],
+            });
+            store.commit(batch).await.unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(store.tags_in("demo/x").unwrap().len(), 1);
+        assert!(
+            store.tags_in("demo").unwrap().is_empty(),
+            "prefix scan must not match a longer repository name"
+        );
+        assert_eq!(
+            store.get_image(&digest('a')).unwrap().unwrap().tags.len(),
+            1
+        );
+        assert_eq!(
+            store
+                .tagged_repositories()
+                .unwrap()
+                .into_iter()
+                .collect::<Vec<_>>(),
+            vec!["demo/x"]
+        );
+        let counts = store.counts().unwrap();
+        assert_eq!(counts.tags, 1);
+        assert_eq!(counts.images.get("pending"), Some(&1));
+    }
+
+    #[test]
+    fn second_opener_gets_locked_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path())
+            .err()
+            .expect("second open must fail");
+        assert!(matches!(err, StateError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains("another process"), "{err}");
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.raw_insert(SCHEMA_KEY, b"999").unwrap();
+            store.flush_blocking().unwrap();
+        }
+        let err = Store::open(dir.path()).err().unwrap();
+        assert!(
+            matches!(err, StateError::NewerSchema { found: 999, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn due_only_when_referenced_and_not_scanned() {
+        let now = Utc::now();
+        let mut img = ImageRecord::new(digest('b'), "m".into(), now);
+        assert!(!img.is_due(now), "untagged images are not scanned");
+        img.tags.insert("r:t".into());
+        assert!(img.is_due(now));
+        img.status = ImageStatus::Failed;
+        img.next_retry = Some(now + chrono::Duration::minutes(5));
+        assert!(!img.is_due(now));
+        assert!(img.is_due(now + chrono::Duration::minutes(6)));
+        img.status = ImageStatus::Scanned;
+        assert!(!img.is_due(now + chrono::Duration::days(1)));
+    }
+}

@@ -1,0 +1,9 @@
+//! Shared integration-test support: a real `docker-registry` child process
+//! ([`registry`]) and in-memory image building and pushing ([`oci`]).
+//!
+//! Use from an integration test with `mod support;`. Each test binary uses
+//! only part of this code, hence the `dead_code` allowance.
+#![allow(dead_code)]
+
+pub mod oci;
+pub mod registry;
