@@ -17,6 +17,7 @@
 //! | [`daemon`] | start-up recovery, cycles on a cron schedule, graceful stop |
 //! | [`shutdown`] | signals → one cancellation token; a second signal forces |
 //! | [`logging`] | text on a terminal, JSON lines otherwise |
+//! | [`report`] | a readable table of what the store knows |
 //!
 //! Data flows one way: schedule tick → watcher pass → due digests → worker → result
 //! files → state. State is committed only after the file it refers to is complete.
@@ -27,6 +28,7 @@ pub mod digest;
 pub mod logging;
 pub mod output;
 pub mod registry;
+pub mod report;
 pub mod scanner;
 pub mod shutdown;
 pub mod state;

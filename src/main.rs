@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use spcs_image_scanner::config::{Config, Environment};
 use spcs_image_scanner::daemon::Daemon;
 use spcs_image_scanner::scanner::error_chain;
+use spcs_image_scanner::state::{StateError, Store};
 use spcs_image_scanner::{logging, shutdown};
 
 const EXIT_FAILURE: u8 = 1;
@@ -42,6 +43,12 @@ enum Command {
     Once,
     /// Validate the config and print the effective values (it holds no secret).
     CheckConfig,
+    /// Print what the state store knows, one line per digest (the daemon must be stopped).
+    Report {
+        /// One JSON object per digest instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -67,6 +74,9 @@ fn main() -> ExitCode {
         print!("{}", config.effective_toml());
         println!("# {}: OK", config.source.display());
         return ExitCode::SUCCESS;
+    }
+    if let Command::Report { json } = cli.command {
+        return report(&config, json);
     }
     logging::init(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -119,11 +129,46 @@ async fn async_main(command: Command, config: Config) -> ExitCode {
                     _ => ExitCode::from(EXIT_FAILURE),
                 }
             }
-            Command::CheckConfig => ExitCode::SUCCESS,
+            Command::CheckConfig | Command::Report { .. } => ExitCode::SUCCESS,
         }
     };
     tokio::select! {
         code = work => code,
         _ = forced => ExitCode::from(EXIT_FORCED),
     }
+}
+
+fn report(config: &Config, json: bool) -> ExitCode {
+    let store = match Store::open(&config.state_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            let setup = matches!(
+                e,
+                StateError::Locked { .. } | StateError::NewerSchema { .. }
+            );
+            return ExitCode::from(if setup { EXIT_USAGE } else { EXIT_FAILURE });
+        }
+    };
+    let images = match store.all_images() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    if json {
+        for image in &images {
+            match serde_json::to_string(image) {
+                Ok(line) => println!("{line}"),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+            }
+        }
+    } else {
+        print!("{}", spcs_image_scanner::report::render_table(&images));
+    }
+    ExitCode::SUCCESS
 }

