@@ -475,8 +475,7 @@ impl Environment {
 }
 
 impl Config {
-    /// Reads, overrides from the environment, and validates. A missing file is an
-    /// error unless `allow_missing` (then the defaults plus environment are used).
+    /// Reads `path`, applies the environment overrides, and validates.
     pub fn load(path: &Path, env: &Environment) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),

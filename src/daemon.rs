@@ -228,8 +228,11 @@ impl Daemon {
         let job = Job::new_async(self.config.schedule.cron.as_str(), move |_, _| {
             let tx = tick_tx.clone();
             Box::pin(async move {
-                // Full means a cycle is running and one is already queued: coalesce.
-                let _ = tx.try_send(());
+                // Full means a cycle is running and another is already queued: this tick
+                // adds nothing.
+                if let Err(mpsc::error::TrySendError::Full(())) = tx.try_send(()) {
+                    info!("schedule tick coalesced: a cycle is running and another is queued");
+                }
             })
         })
         .map_err(|e| DaemonError::Scheduler(e.to_string()))?;

@@ -372,6 +372,28 @@ async fn a_deleted_tag_is_recorded_removed_and_nothing_is_rescanned() {
     let b = scanner.image(&seeded.b.digest).unwrap();
     assert!(b.tags.is_empty());
     assert_eq!(b.status, ImageStatus::Scanned, "history is kept");
+
+    // `report` shows the same, from the store.
+    let report = std::process::Command::new(env!("CARGO_BIN_EXE_spcs-image-scanner"))
+        .arg("--config")
+        .arg(scanner.config_path())
+        .arg("report")
+        .output()
+        .unwrap();
+    assert!(report.status.success());
+    let table = String::from_utf8_lossy(&report.stdout);
+    let b_line = table
+        .lines()
+        .find(|l| l.starts_with(&format!("sha256:{}", &hex(&seeded.b.digest)[..12])))
+        .unwrap();
+    assert!(
+        b_line.contains("scanned") && b_line.contains("(no tag)"),
+        "{table}"
+    );
+    assert!(
+        table.contains("4 digests: 3 scanned, 1 unsupported"),
+        "{table}"
+    );
 }
 
 #[tokio::test]
@@ -479,6 +501,22 @@ async fn registry_stopped_mid_cycle_is_logged_the_daemon_stays_up_and_recovers()
     scanner.grype = Some(gated);
     let mut daemon = scanner.spawn_run();
     wait_for_file(&started, Duration::from_secs(120)).await;
+    // Cycles never overlap: ticks that fire while this cycle scans are coalesced.
+    daemon
+        .wait_for(
+            "schedule tick coalesced: a cycle is running and another is queued",
+            2,
+            Duration::from_secs(30),
+            |_| true,
+        )
+        .await;
+    assert!(
+        daemon.events("cycle finished").is_empty()
+            && daemon
+                .events("cycle failed; will try again at the next tick")
+                .is_empty()
+    );
+    assert_eq!(daemon.events("scan started").len(), 1);
     registry.stop().await;
     std::fs::write(&release, b"go").unwrap();
 
