@@ -732,3 +732,152 @@ fn assert_no_file_contains(dir: &std::path::Path, needle: &str) {
         }
     }
 }
+
+#[tokio::test]
+async fn a_failed_scan_is_recorded_with_stderr_and_retried_after_its_back_off() {
+    let registry = TestRegistry::start(RegistryOptions::anonymous()).await;
+    let pusher = Pusher::new(&registry.url(), None);
+    let a = pusher
+        .push_image(
+            "demo/fails",
+            "1",
+            &DebianImage::default(),
+            ManifestFormat::Oci,
+        )
+        .await
+        .unwrap();
+    let b = pusher
+        .push_image(
+            "demo/fails",
+            "2",
+            &DebianImage::default().with_file("etc/v", b"2"),
+            ManifestFormat::Oci,
+        )
+        .await
+        .unwrap();
+    let mut scanner = Scanner::new(&registry.url());
+    let broken = wrapper_script(
+        scanner.dir.path(),
+        "grype-broken",
+        "printf '\\033[31m[0000] ERROR\\033[0m failed to load vulnerability db: boom\\n' >&2; exit 1",
+        &support::daemon::grype(),
+    );
+    scanner.grype = Some(broken);
+    let run = scanner.once();
+    assert_eq!(
+        run.code,
+        Some(1),
+        "a failed scan makes `once` exit 1\n{}",
+        run.stdout
+    );
+    let summary = run.summary();
+    assert_eq!(
+        (summary["scanned"].as_u64(), summary["failed"].as_u64()),
+        (Some(0), Some(2)),
+        "{summary}"
+    );
+    assert!(
+        scanner.result_files().is_empty(),
+        "a failure is never a result"
+    );
+    let record = scanner.image(&a.digest).unwrap();
+    assert_eq!(record.status, ImageStatus::Failed);
+    assert_eq!(record.attempts, 1);
+    let error = record.last_error.clone().unwrap();
+    assert!(
+        error.contains("grype exited with code 1")
+            && error.contains("ERROR failed to load vulnerability db: boom"),
+        "{error}"
+    );
+    assert!(
+        !error.contains('\u{1b}'),
+        "ANSI codes are stripped: {error:?}"
+    );
+    let next_retry = record.next_retry.unwrap();
+    assert!(next_retry > record.first_seen);
+
+    // Not due yet: nothing is queued however often a cycle runs.
+    let run = scanner.once();
+    if chrono::Utc::now() < next_retry {
+        assert_eq!(run.summary()["queued"], 0);
+        assert_eq!(scanner.image(&a.digest).unwrap().attempts, 1);
+    }
+
+    // Once due, with a working grype, they are scanned.
+    let due = [&a.digest, &b.digest]
+        .iter()
+        .map(|d| scanner.image(d).unwrap().next_retry.unwrap())
+        .max()
+        .unwrap();
+    while chrono::Utc::now() <= due + chrono::Duration::milliseconds(50) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    scanner.grype = Some(support::daemon::grype());
+    let run = scanner.once();
+    assert_eq!(run.code, Some(0), "{}", run.stdout);
+    assert_eq!(run.summary()["scanned"], 2);
+    for digest in [&a.digest, &b.digest] {
+        let record = scanner.image(digest).unwrap();
+        assert_eq!(record.status, ImageStatus::Scanned);
+        assert_eq!(record.last_error, None);
+        assert_eq!(scanner.result_files()[&hex(digest)].len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn sbom_only_mode_writes_sboms_and_says_so_in_logs_and_records() {
+    let registry = TestRegistry::start(RegistryOptions::anonymous()).await;
+    let pusher = Pusher::new(&registry.url(), None);
+    let a = pusher
+        .push_image(
+            "demo/sbom",
+            "1",
+            &DebianImage::default(),
+            ManifestFormat::Oci,
+        )
+        .await
+        .unwrap();
+    let mut scanner = Scanner::new(&registry.url());
+    scanner.grype = None;
+    let run = scanner.once();
+    assert_eq!(run.code, Some(0), "{}", run.stdout);
+    assert!(run.stdout.contains("SBOM-only mode"), "{}", run.stdout);
+    assert_eq!(
+        run.events(
+            "scan finished without vulnerability matching (SBOM-only mode: scanner.grype is empty)"
+        )
+        .len(),
+        1
+    );
+    assert!(
+        scanner.result_files().is_empty(),
+        "no grype document without grype"
+    );
+    assert_eq!(
+        scanner.sbom_files(),
+        vec![format!("{}.syft.json", hex(&a.digest))]
+    );
+    let scan = scanner.image(&a.digest).unwrap().last_scan.unwrap();
+    assert_eq!(scan.mode, spcs_image_scanner::state::ScanMode::SbomOnly);
+    assert_eq!(scan.result_file, None);
+    assert_eq!(scan.grype_version, None);
+    assert_eq!(scan.packages, 1);
+    let sbom: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            scanner
+                .output_dir()
+                .join("sboms")
+                .join(format!("{}.syft.json", hex(&a.digest))),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(sbom["artifacts"][0]["name"], "zlib1g");
+    assert!(
+        scanner
+            .state_dir()
+            .join("sboms")
+            .join(format!("{}.syft.json", hex(&a.digest)))
+            .exists()
+    );
+}

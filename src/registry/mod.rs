@@ -187,8 +187,11 @@ enum Scheme {
 /// How a request to the registry is done, for retries and auth.
 struct ListAuth {
     scheme: Scheme,
-    /// Bearer tokens by scope.
+    /// Bearer tokens by our scope key.
     tokens: HashMap<String, Secret>,
+    /// The scope the registry's challenge asked for, by our scope key (the server knows
+    /// best, e.g. for SPCS per-repository catalogs).
+    challenged_scopes: HashMap<String, String>,
 }
 
 /// The daemon's registry client. Cheap to share (`Arc`).
@@ -232,6 +235,7 @@ impl RegistryClient {
             list_auth: Mutex::new(ListAuth {
                 scheme: Scheme::Unknown,
                 tokens: HashMap::new(),
+                challenged_scopes: HashMap::new(),
             }),
             stats: RequestStats::default(),
         })
@@ -804,10 +808,20 @@ impl RegistryClient {
             Scheme::Unknown => Ok(None),
             Scheme::Basic => Ok(self.credentials()?.map(|c| Secret::new(c.basic_header()))),
             Scheme::Bearer { realm, service } => {
-                if let Some(token) = self.list_auth.lock().await.tokens.get(scope).cloned() {
-                    return Ok(Some(Secret::new(format!("Bearer {}", token.expose()))));
-                }
-                let token = self.fetch_token(&realm, service.as_deref(), scope).await?;
+                let requested = {
+                    let state = self.list_auth.lock().await;
+                    if let Some(token) = state.tokens.get(scope) {
+                        return Ok(Some(Secret::new(format!("Bearer {}", token.expose()))));
+                    }
+                    state
+                        .challenged_scopes
+                        .get(scope)
+                        .cloned()
+                        .unwrap_or_else(|| scope.to_string())
+                };
+                let token = self
+                    .fetch_token(&realm, service.as_deref(), &requested)
+                    .await?;
                 self.list_auth
                     .lock()
                     .await
@@ -829,7 +843,16 @@ impl RegistryClient {
         state.tokens.remove(scope);
         state.scheme = match challenge {
             Some(Challenge::Basic) => Scheme::Basic,
-            Some(Challenge::Bearer { realm, service, .. }) => Scheme::Bearer { realm, service },
+            Some(Challenge::Bearer {
+                realm,
+                service,
+                scope: asked,
+            }) => {
+                if let Some(asked) = asked {
+                    state.challenged_scopes.insert(scope.to_string(), asked);
+                }
+                Scheme::Bearer { realm, service }
+            }
             None => {
                 // No usable challenge: try Basic if we have credentials.
                 if self.credentials()?.is_some() {

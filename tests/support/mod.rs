@@ -8,3 +8,4 @@
 pub mod daemon;
 pub mod oci;
 pub mod registry;
+pub mod scripted_http;
