@@ -23,7 +23,7 @@ use crate::output::Output;
 use crate::registry::{RegistryClient, RegistryError};
 use crate::scanner::{Scanner, error_chain};
 use crate::state::{StateError, Store};
-use crate::watcher::{WatchError, Watcher};
+use crate::watcher::{PassReport, WatchError, Watcher};
 use crate::worker::{RetryPolicy, ScanOutcome, Worker, WorkerError, recover};
 
 /// The daemon could not start or had to stop.
@@ -61,23 +61,14 @@ impl DaemonError {
     }
 }
 
-/// What one cycle did.
+/// What one cycle did: the watcher pass, then the scans.
 #[derive(Debug, Clone, Default)]
 pub struct CycleSummary {
-    pub repositories: usize,
-    pub tags: usize,
-    pub added: usize,
-    pub moved: usize,
-    pub removed: usize,
-    pub unchanged: usize,
-    pub unsupported: usize,
-    pub errors: usize,
-    pub queued: usize,
+    pub pass: PassReport,
     pub scanned: usize,
     pub failed: usize,
     pub registry_requests: u64,
     pub duration: Duration,
-    pub inventory_file: Option<String>,
 }
 
 /// A cycle that could not complete its listing.
@@ -172,44 +163,31 @@ impl Daemon {
                 return Err(err);
             }
         };
-        let mut summary = CycleSummary {
-            repositories: pass.repositories,
-            tags: pass.tags,
-            added: pass.added,
-            moved: pass.moved,
-            removed: pass.removed,
-            unchanged: pass.unchanged,
-            unsupported: pass.unsupported,
-            errors: pass.errors,
-            queued: pass.due.len(),
-            inventory_file: pass.inventory_file.clone(),
-            ..CycleSummary::default()
-        };
         let registry_requests = self.registry.stats().total() - requests_before;
         let outcomes: Vec<ScanOutcome> = futures::stream::iter(pass.due.iter())
             .map(|digest| self.worker.scan(digest, cancel))
             .buffer_unordered(self.config.scanner.concurrency)
             .collect()
             .await;
-        for outcome in &outcomes {
-            match outcome {
-                ScanOutcome::Scanned { .. } => summary.scanned += 1,
-                ScanOutcome::Failed { .. } => summary.failed += 1,
-                ScanOutcome::Skipped | ScanOutcome::Cancelled => {}
-            }
-        }
-        summary.registry_requests = registry_requests;
-        summary.duration = started.elapsed();
+        let count = |want: fn(&ScanOutcome) -> bool| outcomes.iter().filter(|o| want(o)).count();
+        let summary = CycleSummary {
+            scanned: count(|o| matches!(o, ScanOutcome::Scanned { .. })),
+            failed: count(|o| matches!(o, ScanOutcome::Failed { .. })),
+            registry_requests,
+            duration: started.elapsed(),
+            pass,
+        };
+        let p = &summary.pass;
         info!(
-            repositories = summary.repositories,
-            tags = summary.tags,
-            added = summary.added,
-            moved = summary.moved,
-            removed = summary.removed,
-            unchanged = summary.unchanged,
-            unsupported = summary.unsupported,
-            errors = summary.errors,
-            queued = summary.queued,
+            repositories = p.repositories,
+            tags = p.tags,
+            added = p.added,
+            moved = p.moved,
+            removed = p.removed,
+            unchanged = p.unchanged,
+            unsupported = p.unsupported,
+            errors = p.errors,
+            queued = p.due.len(),
             scanned = summary.scanned,
             failed = summary.failed,
             registry_requests = summary.registry_requests,

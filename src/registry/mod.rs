@@ -373,16 +373,7 @@ impl RegistryClient {
                     repository.to_string(),
                     tag.to_string(),
                 );
-                let (_, digest) = self
-                    .oci_call("GET", &path, |client, auth| {
-                        let reference = reference.clone();
-                        async move {
-                            client
-                                .pull_manifest_raw(&reference, &auth, &manifest::ACCEPTED)
-                                .await
-                        }
-                    })
-                    .await?;
+                let (_, digest) = self.pull_manifest_raw(&path, reference).await?;
                 Digest::parse(&digest).map_err(|e| self.invalid("GET", &path, e.to_string()))
             }
         }
@@ -400,16 +391,7 @@ impl RegistryClient {
             repository.to_string(),
             digest.to_string(),
         );
-        let (bytes, _) = self
-            .oci_call("GET", &path, |client, auth| {
-                let reference = reference.clone();
-                async move {
-                    client
-                        .pull_manifest_raw(&reference, &auth, &manifest::ACCEPTED)
-                        .await
-                }
-            })
-            .await?;
+        let (bytes, _) = self.pull_manifest_raw(&path, reference).await?;
         if bytes.len() > MAX_MANIFEST_BYTES {
             return Err(self.invalid(
                 "GET",
@@ -421,6 +403,24 @@ impl RegistryClient {
             ));
         }
         Ok(bytes)
+    }
+
+    /// GET of a manifest through `oci-client`, which checks the body against the digest
+    /// (of the reference, or of the `Docker-Content-Digest` header).
+    async fn pull_manifest_raw(
+        &self,
+        path: &str,
+        reference: Reference,
+    ) -> Result<(Bytes, String), RegistryError> {
+        self.oci_call("GET", path, |client, auth| {
+            let reference = reference.clone();
+            async move {
+                client
+                    .pull_manifest_raw(&reference, &auth, &manifest::ACCEPTED)
+                    .await
+            }
+        })
+        .await
     }
 
     fn invalid(&self, method: &'static str, path: &str, reason: String) -> RegistryError {
