@@ -118,8 +118,10 @@ impl Output {
         if !self.path(name).exists() {
             return Ok(name.to_string());
         }
+        // The suffix goes before the last extension of the file name.
         let (stem, ext) = name
-            .split_once('.')
+            .rsplit_once('.')
+            .filter(|(_, e)| !e.contains('/'))
             .map(|(s, e)| (s, format!(".{e}")))
             .unwrap_or((name, String::new()));
         for i in 1..MAX_NAME_SUFFIX {
@@ -260,6 +262,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = Output::new(dir.path());
         let a = out.write_new("inventory/x.json", b"one").unwrap();
+        let t1 = out
+            .write_new("inventory/20261203T174512.123Z.json", b"1")
+            .unwrap();
+        let t2 = out
+            .write_new("inventory/20261203T174512.123Z.json", b"2")
+            .unwrap();
+        assert_eq!(t2.name, "inventory/20261203T174512.123Z-1.json");
+        assert_ne!(t1.name, t2.name);
         let b = out.write_new("inventory/x.json", b"two").unwrap();
         assert_eq!(a.name, "inventory/x.json");
         assert_eq!(b.name, "inventory/x-1.json");

@@ -33,6 +33,11 @@ const TAG_PREFIX: &str = "tag/";
 const IMAGE_PREFIX: &str = "img/";
 const INDEX_PREFIX: &str = "idx/";
 
+/// Tries, and the wait between them, before a locked store is reported as held by
+/// another process (about one second in all).
+const LOCK_RETRIES: u32 = 20;
+const LOCK_RETRY_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Previous digests kept per tag, newest first.
 pub const MAX_TAG_HISTORY: usize = 50;
 
@@ -131,14 +136,25 @@ pub struct ScanRecord {
     pub severities: BTreeMap<String, usize>,
 }
 
-/// A result file being written: recorded before the copy starts so that a crash during
-/// it is recognised at start-up (adopt the file if complete, delete it if not).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PendingWrite {
+/// An output file and what it must contain when complete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileCheck {
     /// Relative to `output.dir`.
     pub path: String,
     pub sha256: String,
     pub size: u64,
+}
+
+/// Output files about to be written: recorded (and committed) before the first byte is
+/// copied, so that a crash during the copies is recognised at start-up: complete files
+/// are adopted, partial ones deleted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingWrite {
+    /// The SBOM, copied first (only if no file has that name yet).
+    pub sbom: FileCheck,
+    /// The grype document, copied last; `None` in SBOM-only mode.
+    pub result: Option<FileCheck>,
+    /// The scan record to adopt when the files are complete.
     pub scan: ScanRecord,
 }
 
@@ -323,16 +339,23 @@ impl Store {
             source,
         })?;
         let path = dir.join("db");
-        let db = sled::Config::new().path(&path).open().map_err(|source| {
-            if source.to_string().contains("could not acquire lock") {
-                StateError::Locked { path: path.clone() }
-            } else {
-                StateError::Storage {
-                    path: path.clone(),
-                    source,
+        let mut tries = 0;
+        let db = loop {
+            match sled::Config::new().path(&path).open() {
+                Ok(db) => break db,
+                // sled releases its file lock from a background thread shortly after the
+                // last handle is dropped: a store closed a moment ago may still look
+                // locked. Wait a little before calling it held by another process.
+                Err(e) if e.to_string().contains("could not acquire lock") => {
+                    tries += 1;
+                    if tries >= LOCK_RETRIES {
+                        return Err(StateError::Locked { path });
+                    }
+                    std::thread::sleep(LOCK_RETRY_WAIT);
                 }
+                Err(source) => return Err(StateError::Storage { path, source }),
             }
-        })?;
+        };
         let store = Store { db, path };
         match store.raw_get(SCHEMA_KEY)? {
             None => {

@@ -4,15 +4,15 @@
 //! For one digest:
 //! 1. state: `scanning`, attempts + 1 (committed);
 //! 2. syft, then grype, in a private temporary directory ([`crate::scanner`]);
-//! 3. the SBOM into the local cache `state.dir/sboms/` (temp + rename) and, once, into
-//!    `output.dir/sboms/`;
-//! 4. state: the result file's name, size and sha256 as a pending write (committed);
-//! 5. the grype document copied once under its final name in `output.dir/scans/`;
+//! 3. the SBOM into the local cache `state.dir/sboms/` (temp + rename);
+//! 4. state: the output names with their sizes and sha256 as a pending write (committed);
+//! 5. the SBOM copied once to `output.dir/sboms/` (if not there yet), then the grype
+//!    document once under its final name in `output.dir/scans/`;
 //! 6. state: `scanned` with the scan record (committed).
 //!
-//! A crash before 4 leaves nothing under `scans/`; a crash between 4 and 6 is resolved at
-//! start-up by [`recover`]: a complete file is adopted (no second result), a partial one
-//! is deleted and the digest scanned again. A failed scan is recorded with the tail of
+//! A crash before 4 leaves nothing in `output.dir`; a crash between 4 and 6 is settled at
+//! start-up by [`recover`]: complete files are adopted (no second result), partial ones
+//! are deleted and the digest is scanned again. A failed scan is recorded with the tail of
 //! stderr and retried with exponential back-off; it never stops the daemon.
 
 use std::path::{Path, PathBuf};
@@ -28,8 +28,8 @@ use crate::output::{Output, OutputError, file_sha256};
 use crate::registry::RegistryClient;
 use crate::scanner::{ScanArtifacts, ScanError, Scanner, error_chain};
 use crate::state::{
-    Batch, ImageRecord, ImageStatus, PendingWrite, ScanMode, ScanRecord, StateError, Store,
-    split_tag_ref,
+    Batch, FileCheck, ImageRecord, ImageStatus, PendingWrite, ScanMode, ScanRecord, StateError,
+    Store, split_tag_ref,
 };
 
 /// Characters of an error kept on a digest's record.
@@ -160,12 +160,21 @@ impl Worker {
     ) -> Result<ScanOutcome, WorkerError> {
         let digest = record.digest.clone();
         let now = Utc::now();
-        let sbom_name = Output::sbom_name(&digest);
-        self.cache_sbom(&digest, &artifacts.sbom_path())?;
-        self.output
-            .copy_if_absent(&artifacts.sbom_path(), &sbom_name)?;
-
-        let mut scan = ScanRecord {
+        let sbom_path = artifacts.sbom_path();
+        self.cache_sbom(&digest, &sbom_path)?;
+        let sbom = check_local(&sbom_path, Output::sbom_name(&digest))?;
+        let result = match artifacts.grype_path() {
+            Some(path) => {
+                let name = Output::scan_result_name(
+                    &digest,
+                    now,
+                    artifacts.grype.as_ref().and_then(|g| g.db_build.as_deref()),
+                );
+                Some((check_local(&path, self.output.free_name(&name)?)?, path))
+            }
+            None => None,
+        };
+        let scan = ScanRecord {
             finished_at: now,
             mode: if artifacts.grype.is_some() {
                 ScanMode::Full
@@ -176,8 +185,8 @@ impl Worker {
             grype_version: artifacts.grype_version.clone(),
             db_build: artifacts.grype.as_ref().and_then(|g| g.db_build.clone()),
             db_schema: artifacts.grype.as_ref().and_then(|g| g.db_schema.clone()),
-            result_file: None,
-            sbom_file: sbom_name,
+            result_file: result.as_ref().map(|(check, _)| check.path.clone()),
+            sbom_file: sbom.path.clone(),
             packages: artifacts.sbom.packages,
             matches: artifacts.grype.as_ref().map_or(0, |g| g.matches),
             severities: artifacts
@@ -187,28 +196,19 @@ impl Worker {
                 .unwrap_or_default(),
         };
 
-        if let Some(grype_path) = artifacts.grype_path() {
-            let name = self.output.free_name(&Output::scan_result_name(
-                &digest,
-                now,
-                scan.db_build.as_deref(),
-            ))?;
-            let (size, sha256) = file_sha256(&grype_path).map_err(|source| WorkerError::Cache {
-                path: grype_path.clone(),
-                source,
-            })?;
-            scan.result_file = Some(name.clone());
-            record.pending_write = Some(PendingWrite {
-                path: name.clone(),
-                sha256,
-                size,
-                scan: scan.clone(),
-            });
-            self.put(&record).await?;
-            if self.output.copy_if_absent(&grype_path, &name)?.is_none() {
+        // Intent first, then the copies, then the commit: see the module docs.
+        record.pending_write = Some(PendingWrite {
+            sbom: sbom.clone(),
+            result: result.as_ref().map(|(check, _)| check.clone()),
+            scan: scan.clone(),
+        });
+        self.put(&record).await?;
+        self.output.copy_if_absent(&sbom_path, &sbom.path)?;
+        if let Some((check, local)) = &result {
+            if self.output.copy_if_absent(local, &check.path)?.is_none() {
                 // Someone else took the name between free_name and the copy.
                 return Err(WorkerError::Output(OutputError::NoFreeName {
-                    path: self.output.path(&name),
+                    path: self.output.path(&check.path),
                 }));
             }
         }
@@ -244,6 +244,8 @@ impl Worker {
     async fn fail(&self, mut record: ImageRecord, text: &str) -> Result<ScanOutcome, WorkerError> {
         let delay = self.retry.delay(record.attempts);
         record.status = ImageStatus::Failed;
+        // A failed copy removes its partial file; nothing is left to settle.
+        record.pending_write = None;
         record.last_error = Some(truncate(text, MAX_ERROR_CHARS));
         record.next_retry = Some(
             Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1)),
@@ -282,6 +284,19 @@ impl Worker {
             .map_err(|e| err(e.error))?;
         Ok(())
     }
+}
+
+/// Size and sha256 of a local file that is to be copied under `name`.
+fn check_local(path: &Path, name: String) -> Result<FileCheck, WorkerError> {
+    let (size, sha256) = file_sha256(path).map_err(|source| WorkerError::Cache {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(FileCheck {
+        path: name,
+        sha256,
+        size,
+    })
 }
 
 /// The repository to pull a digest from: one of its tags' repositories, else any
@@ -338,21 +353,37 @@ pub async fn recover(
         if record.status != ImageStatus::Scanning {
             continue;
         }
+        let complete = |f: &FileCheck| output.is_complete(&f.path, f.size, &f.sha256);
+        // An SBOM from an earlier successful scan is left as it was by a rescan.
+        let scanned_before = record.last_scan.is_some();
+        let sbom_ok =
+            |f: &FileCheck| complete(f) || (scanned_before && output.path(&f.path).exists());
         match record.pending_write.take() {
-            Some(pending) if output.is_complete(&pending.path, pending.size, &pending.sha256) => {
+            Some(pending)
+                if sbom_ok(&pending.sbom) && pending.result.as_ref().is_none_or(complete) =>
+            {
+                info!(digest = %record.digest, "results written just before a crash adopted");
                 record.status = ImageStatus::Scanned;
                 record.last_scan = Some(pending.scan);
                 record.last_error = None;
                 record.next_retry = None;
                 recovery.adopted += 1;
-                info!(digest = %record.digest, file = %pending.path, "result written before a crash adopted");
             }
             Some(pending) => {
-                output.remove(&pending.path)?;
+                if let Some(result) = pending.result.as_ref().filter(|r| !complete(r)) {
+                    output.remove(&result.path)?;
+                    recovery.removed_partial += 1;
+                    warn!(digest = %record.digest, file = %result.path, "partial result from a crash removed");
+                }
+                // An SBOM that existed before this attempt was never touched by it; one
+                // that did not, and is not complete, is a partial copy.
+                if !scanned_before && !complete(&pending.sbom) {
+                    output.remove(&pending.sbom.path)?;
+                    recovery.removed_partial += 1;
+                    warn!(digest = %record.digest, file = %pending.sbom.path, "partial SBOM from a crash removed");
+                }
                 record.status = ImageStatus::Pending;
-                recovery.removed_partial += 1;
                 recovery.requeued += 1;
-                warn!(digest = %record.digest, file = %pending.path, "partial result from a crash removed; will scan again");
             }
             None => {
                 record.status = ImageStatus::Pending;
@@ -395,33 +426,52 @@ mod tests {
             grype_version: Some("2".into()),
             db_build: None,
             db_schema: None,
-            result_file: Some("scans/a/x.json".into()),
-            sbom_file: "sboms/a.syft.json".into(),
+            result_file: None,
+            sbom_file: String::new(),
             packages: 1,
             matches: 0,
             severities: Default::default(),
         };
-        let complete = output
+        let check = |w: &crate::output::Written| FileCheck {
+            path: w.name.clone(),
+            sha256: w.sha256.clone(),
+            size: w.size,
+        };
+        let truncated = |w: &crate::output::Written| FileCheck {
+            size: w.size + 10,
+            ..check(w)
+        };
+        // a: SBOM and result complete -> adopted.
+        let a_sbom = output
+            .write_new("sboms/a.syft.json", b"{\"artifacts\":[]}")
+            .unwrap();
+        let a_result = output
             .write_new("scans/a/x.json", b"{\"matches\":[]}")
             .unwrap();
-        let partial = output.write_new("scans/b/y.json", b"{\"matc").unwrap();
+        // b: SBOM complete, result partial -> result removed, SBOM kept, pending.
+        let b_sbom = output.write_new("sboms/b.syft.json", b"{}").unwrap();
+        let b_result = output.write_new("scans/b/y.json", b"{\"matc").unwrap();
+        // c: SBOM partial, never scanned before -> SBOM removed, pending.
+        let c_sbom = output.write_new("sboms/c.syft.json", b"{\"arti").unwrap();
+        let pendings = [
+            ('a', check(&a_sbom), Some(check(&a_result))),
+            ('b', check(&b_sbom), Some(truncated(&b_result))),
+            ('c', truncated(&c_sbom), None),
+        ];
         let mut batch = Batch::default();
-        for (c, written, size, sha) in [
-            ('a', &complete, complete.size, complete.sha256.clone()),
-            ('b', &partial, 100, "0".repeat(64)),
-        ] {
+        for (c, sbom, result) in pendings {
             let d = Digest::parse(&format!("sha256:{}", c.to_string().repeat(64))).unwrap();
             let mut r = ImageRecord::new(d, "m".into(), now);
             r.status = ImageStatus::Scanning;
             r.pending_write = Some(PendingWrite {
-                path: written.name.clone(),
-                sha256: sha,
-                size,
+                sbom,
+                result,
                 scan: scan.clone(),
             });
             batch.put_image(&r);
         }
-        let d = Digest::parse(&format!("sha256:{}", "c".repeat(64))).unwrap();
+        // d: crashed before any write -> pending.
+        let d = Digest::parse(&format!("sha256:{}", "d".repeat(64))).unwrap();
         let mut plain = ImageRecord::new(d, "m".into(), now);
         plain.status = ImageStatus::Scanning;
         batch.put_image(&plain);
@@ -433,14 +483,18 @@ mod tests {
         assert_eq!(
             r,
             Recovery {
-                requeued: 2,
+                requeued: 3,
                 adopted: 1,
-                removed_partial: 1
+                removed_partial: 2
             }
         );
         assert!(!tmp.exists());
-        assert!(output.path("scans/a/x.json").exists());
+        assert!(
+            output.path("scans/a/x.json").exists() && output.path("sboms/a.syft.json").exists()
+        );
         assert!(!output.path("scans/b/y.json").exists());
+        assert!(output.path("sboms/b.syft.json").exists());
+        assert!(!output.path("sboms/c.syft.json").exists());
         let statuses: Vec<ImageStatus> = store
             .all_images()
             .unwrap()
@@ -452,8 +506,16 @@ mod tests {
             vec![
                 ImageStatus::Scanned,
                 ImageStatus::Pending,
+                ImageStatus::Pending,
                 ImageStatus::Pending
             ]
+        );
+        assert!(
+            store
+                .all_images()
+                .unwrap()
+                .iter()
+                .all(|i| i.pending_write.is_none())
         );
     }
 }
