@@ -9,6 +9,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use spcs_image_scanner::state::ImageStatus;
 use support::daemon::{Auth, Scanner, using_standin, wait_for_file, wrapper_script};
 use support::oci::{DebianImage, ManifestFormat, PushedManifest, Pusher};
@@ -450,17 +451,19 @@ async fn kill_9_during_a_scan_rescans_after_restart_without_partial_or_duplicate
     scanner.grype = Some(slow);
     let mut daemon = scanner.spawn_run();
     wait_for_file(&marker, Duration::from_secs(120)).await;
-    daemon.signal("KILL");
+    daemon.signal(Signal::SIGKILL);
     daemon.wait_exit(Duration::from_secs(10)).await;
     // The orphaned scanner group would run on; a crash of the whole container kills it too.
-    let pid = std::fs::read_to_string(&pidfile)
+    let pid: i32 = std::fs::read_to_string(&pidfile)
         .unwrap()
         .trim()
-        .to_string();
-    let _ = std::process::Command::new("kill")
-        .arg("-KILL")
-        .arg(format!("-{pid}"))
-        .status();
+        .parse()
+        .unwrap();
+    assert!(pid > 1, "grype's pid");
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
 
     assert_eq!(
         scanner.image(&a.digest).unwrap().status,
@@ -576,7 +579,7 @@ async fn registry_stopped_mid_cycle_is_logged_the_daemon_stays_up_and_recovers()
             e["added"] == 1 && e["scanned"] == 1 && e["errors"] == 0
         })
         .await;
-    daemon.signal("TERM");
+    daemon.signal(Signal::SIGTERM);
     assert_eq!(daemon.wait_exit(Duration::from_secs(30)).await, Some(0));
     assert_eq!(
         scanner.image(&a.digest).unwrap().status,
@@ -681,7 +684,7 @@ async fn spcs_token_file_is_reread_when_it_changes_without_a_restart() {
     daemon
         .wait_for("cycle finished", next, Duration::from_secs(30), |_| true)
         .await;
-    daemon.signal("TERM");
+    daemon.signal(Signal::SIGTERM);
     assert_eq!(daemon.wait_exit(Duration::from_secs(30)).await, Some(0));
     let refused_after = registry
         .requests_since(mark)

@@ -366,14 +366,11 @@ impl RunningDaemon {
         self.child.try_wait().expect("try_wait").is_none()
     }
 
-    /// Sends a signal.
-    pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill -{signal} failed");
+    /// Sends a signal to the daemon process (only to it, never to a group).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        assert!(pid > 1, "daemon pid");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("send signal");
     }
 
     /// Waits (bounded) for the process to exit; returns its code.
