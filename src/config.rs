@@ -107,6 +107,8 @@ pub struct RawConfig {
     pub scanner: RawScanner,
     /// `[vulndb]`
     pub vulndb: RawVulnDb,
+    /// `[rescan]`
+    pub rescan: RawRescan,
     /// `[state]`
     pub state: RawState,
     /// `[output]`
@@ -202,11 +204,59 @@ impl Default for RawScanner {
     }
 }
 
+/// What to do when the vulnerability DB is older than `vulndb.max_age`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnStale {
+    /// Start no scan until a fresh DB arrives.
+    #[default]
+    Hold,
+    /// Scan anyway and mark each result `stale_db`.
+    ScanAndFlag,
+}
+
 /// `[vulndb]` as written.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawVulnDb {
     pub cache_dir: String,
+    pub update_url: String,
+    pub update_cron: String,
+    pub update_timeout: String,
+    pub max_age: String,
+    pub on_stale: OnStale,
+}
+
+impl Default for RawVulnDb {
+    fn default() -> Self {
+        RawVulnDb {
+            cache_dir: String::new(),
+            update_url: String::new(),
+            update_cron: "0 0 */6 * * *".to_string(),
+            update_timeout: "15m".to_string(),
+            max_age: "120h".to_string(),
+            on_stale: OnStale::Hold,
+        }
+    }
+}
+
+/// `[rescan]` as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRescan {
+    pub window: String,
+    pub max_age: String,
+    pub empty_sbom_retry: String,
+}
+
+impl Default for RawRescan {
+    fn default() -> Self {
+        RawRescan {
+            window: "30d".to_string(),
+            max_age: String::new(),
+            empty_sbom_retry: "1h".to_string(),
+        }
+    }
 }
 
 /// `[state]` as written.
@@ -267,6 +317,7 @@ pub struct Config {
     pub schedule: ScheduleConfig,
     pub scanner: ScannerConfig,
     pub vulndb: VulnDbConfig,
+    pub rescan: RescanConfig,
     pub state_dir: PathBuf,
     pub output_dir: PathBuf,
     pub log: LogConfig,
@@ -428,8 +479,25 @@ pub struct ScannerConfig {
 /// `[vulndb]`, validated.
 #[derive(Debug, Clone)]
 pub struct VulnDbConfig {
-    /// grype's `GRYPE_DB_CACHE_DIR`; `None` keeps grype's default (`~/.cache/grype/db`).
-    pub cache_dir: Option<PathBuf>,
+    /// grype's `GRYPE_DB_CACHE_DIR` (`state.dir/grype-db` when not set).
+    pub cache_dir: PathBuf,
+    /// grype's `GRYPE_DB_UPDATE_URL` (a mirror); `None` keeps grype's default.
+    pub update_url: Option<String>,
+    pub update_cron: String,
+    pub update_timeout: Duration,
+    pub max_age: Duration,
+    pub on_stale: OnStale,
+}
+
+/// `[rescan]`, validated.
+#[derive(Debug, Clone)]
+pub struct RescanConfig {
+    /// Re-match only digests whose tags were seen within this window.
+    pub window: Duration,
+    /// Re-match results older than this even without a DB change; `None` = off.
+    pub max_age: Option<Duration>,
+    /// An empty SBOM is scanned again after this (doubling per attempt).
+    pub empty_sbom_retry: Duration,
 }
 
 /// `[log]`, validated.
@@ -620,7 +688,7 @@ impl Config {
         };
 
         let cron = raw.schedule.cron.trim().to_string();
-        validate_cron(o, &cron)?;
+        validate_cron(o, "schedule.cron", &cron)?;
 
         let s = &raw.scanner;
         if s.syft.trim().is_empty() {
@@ -650,14 +718,6 @@ impl Config {
             ));
         }
 
-        let vulndb = VulnDbConfig {
-            cache_dir: if raw.vulndb.cache_dir.trim().is_empty() {
-                None
-            } else {
-                Some(PathBuf::from(raw.vulndb.cache_dir.trim()))
-            },
-        };
-
         let state_dir = required_dir(o, "state.dir", &raw.state.dir)?;
         let output_dir = required_dir(o, "output.dir", &raw.output.dir)?;
         if state_dir == output_dir {
@@ -667,6 +727,58 @@ impl Config {
                 "must differ from state.dir",
             ));
         }
+
+        let v = &raw.vulndb;
+        // Empty: no automatic updates (air-gapped: `db import` or a fresh snapshot).
+        if !v.update_cron.trim().is_empty() {
+            validate_cron(o, "vulndb.update_cron", v.update_cron.trim())?;
+        }
+        let update_url = if v.update_url.trim().is_empty() {
+            None
+        } else {
+            let text = v.update_url.trim();
+            let url = Url::parse(text).map_err(|e| {
+                ConfigError::key(
+                    o,
+                    "vulndb.update_url",
+                    format!("{text:?} is not a URL ({e})"),
+                )
+            })?;
+            match url.scheme() {
+                "https" => {}
+                "http" if url.host_str().is_some_and(is_loopback_host) || r.allow_insecure_http => {
+                }
+                _ => {
+                    return Err(ConfigError::key(
+                        o,
+                        "vulndb.update_url",
+                        "must be https (plain http only to loopback, or with registry.allow_insecure_http)",
+                    ));
+                }
+            }
+            Some(text.to_string())
+        };
+        let vulndb = VulnDbConfig {
+            cache_dir: if v.cache_dir.trim().is_empty() {
+                state_dir.join("grype-db")
+            } else {
+                PathBuf::from(v.cache_dir.trim())
+            },
+            update_url,
+            update_cron: v.update_cron.trim().to_string(),
+            update_timeout: duration(o, "vulndb.update_timeout", &v.update_timeout)?,
+            max_age: duration(o, "vulndb.max_age", &v.max_age)?,
+            on_stale: v.on_stale,
+        };
+        let rescan = RescanConfig {
+            window: duration(o, "rescan.window", &raw.rescan.window)?,
+            max_age: if raw.rescan.max_age.trim().is_empty() {
+                None
+            } else {
+                Some(duration(o, "rescan.max_age", &raw.rescan.max_age)?)
+            },
+            empty_sbom_retry: duration(o, "rescan.empty_sbom_retry", &raw.rescan.empty_sbom_retry)?,
+        };
 
         let level = raw.log.level.trim().to_string();
         if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
@@ -685,6 +797,7 @@ impl Config {
             schedule: ScheduleConfig { cron },
             scanner,
             vulndb,
+            rescan,
             state_dir,
             output_dir,
             log: LogConfig {
@@ -768,7 +881,7 @@ fn duration(origin: &str, key: &str, value: &str) -> Result<Duration, ConfigErro
     Ok(d)
 }
 
-fn validate_cron(origin: &str, cron: &str) -> Result<(), ConfigError> {
+fn validate_cron(origin: &str, key: &str, cron: &str) -> Result<(), ConfigError> {
     let parsed = croner::parser::CronParser::builder()
         .seconds(croner::parser::Seconds::Required)
         .dom_and_dow(true)
@@ -777,7 +890,7 @@ fn validate_cron(origin: &str, cron: &str) -> Result<(), ConfigError> {
     if let Err(e) = parsed {
         return Err(ConfigError::key(
             origin,
-            "schedule.cron",
+            key,
             format!("{cron:?}: {e}; expected 6 fields with seconds first, e.g. \"0 */5 * * * *\""),
         ));
     }
@@ -785,7 +898,7 @@ fn validate_cron(origin: &str, cron: &str) -> Result<(), ConfigError> {
     tokio_cron_scheduler::Job::new_async(cron, |_, _| Box::pin(async {})).map_err(|_| {
         ConfigError::key(
             origin,
-            "schedule.cron",
+            key,
             format!("{cron:?} is not accepted by the scheduler"),
         )
     })?;
@@ -1024,6 +1137,45 @@ mod tests {
             .to_string();
             assert!(e.contains("scanner.concurrency"), "{e}");
         }
+    }
+
+    #[test]
+    fn vulndb_defaults_and_an_empty_update_cron() {
+        let c = load(MINIMAL, &[]).unwrap();
+        assert_eq!(c.vulndb.cache_dir, Path::new("/tmp/s/grype-db"));
+        assert_eq!(c.vulndb.update_cron, "0 0 */6 * * *");
+        assert_eq!(c.vulndb.max_age, Duration::from_secs(120 * 3600));
+        assert_eq!(c.vulndb.on_stale, OnStale::Hold);
+        assert_eq!(c.rescan.window, Duration::from_secs(30 * 86400));
+        assert_eq!(c.rescan.max_age, None);
+        let c = load(
+            &format!("{MINIMAL}[vulndb]\nupdate_cron = \"\"\non_stale = \"scan-and-flag\"\n"),
+            &[],
+        )
+        .unwrap();
+        assert!(c.vulndb.update_cron.is_empty());
+        assert_eq!(c.vulndb.on_stale, OnStale::ScanAndFlag);
+        let e = load(
+            &format!("{MINIMAL}[vulndb]\nupdate_cron = \"daily\"\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("vulndb.update_cron"), "{e}");
+        let e = load(
+            &format!("{MINIMAL}[vulndb]\nupdate_url = \"http://mirror.example.com/db\"\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("vulndb.update_url"), "{e}");
+        let e = load(&format!("{MINIMAL}[vulndb]\non_stale = \"ignore\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("vulndb.on_stale") && e.contains("scan-and-flag"),
+            "{e}"
+        );
     }
 
     #[test]

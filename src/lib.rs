@@ -11,26 +11,34 @@
 //! | [`registry::manifest`] | index → platform image; signatures, charts, artifacts → `unsupported` |
 //! | [`state`] | the sled store: tags, digests, statuses, history |
 //! | [`watcher`] | one pass: list, HEAD, diff against the store, inventory record, due digests |
-//! | [`worker`] | one digest: scan, write result files, commit state (crash-safe order) |
+//! | [`queue`] | lanes: manual, new images, re-matches; one entry per digest |
+//! | [`worker`] | one job: scan or re-match, write result files, commit state (crash-safe order) |
+//! | [`vulndb`] | grype's DB: status, update, import, staleness, the update/scan lock |
+//! | [`changes`] | findings added, removed, changed between two results of a digest |
 //! | [`scanner`] | syft and grype as child processes (explicit env, timeout, process group) |
 //! | [`output`] | write-once result files under `output.dir` (a stage mount in SPCS) |
 //! | [`daemon`] | start-up recovery, cycles on a cron schedule, graceful stop |
 //! | [`shutdown`] | signals → one cancellation token; a second signal forces |
 //! | [`logging`] | text on a terminal, JSON lines otherwise |
 //! | [`report`] | a readable table of what the store knows |
+//! | [`commands`] | `report` and `db status/update/import` from the command line |
 //!
 //! Data flows one way: schedule tick → watcher pass → due digests → worker → result
 //! files → state. State is committed only after the file it refers to is complete.
 
+pub mod changes;
+pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod digest;
 pub mod logging;
 pub mod output;
+pub mod queue;
 pub mod registry;
 pub mod report;
 pub mod scanner;
 pub mod shutdown;
 pub mod state;
+pub mod vulndb;
 pub mod watcher;
 pub mod worker;

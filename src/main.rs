@@ -9,10 +9,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use spcs_image_scanner::commands::{self, CommandError};
 use spcs_image_scanner::config::{Config, Environment};
 use spcs_image_scanner::daemon::Daemon;
 use spcs_image_scanner::scanner::error_chain;
-use spcs_image_scanner::state::{StateError, Store};
 use spcs_image_scanner::{logging, shutdown};
 
 const EXIT_FAILURE: u8 = 1;
@@ -49,6 +49,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The vulnerability DB (grype's, in vulndb.cache_dir).
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DbCommand {
+    /// Identity, age and last update of the DB; exit 1 when scans could not use it.
+    Status {
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check for a newer DB (vulndb.update_url or grype's default) and install it.
+    Update,
+    /// Install a DB archive (grype db import): for air-gapped installs.
+    Import {
+        /// The archive (vulnerability-db_*.tar.zst) or vulnerability.db file.
+        file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -76,7 +98,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if let Command::Report { json } = cli.command {
-        return report(&config, json);
+        return finish(commands::report(&config, json));
     }
     logging::init(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -89,6 +111,25 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
+    if let Command::Db { command } = cli.command {
+        return runtime.block_on(async {
+            match command {
+                DbCommand::Status { json } => match commands::db_status(&config, json).await {
+                    Ok((text, ready)) => {
+                        print!("{text}");
+                        if ready {
+                            ExitCode::SUCCESS
+                        } else {
+                            ExitCode::from(EXIT_FAILURE)
+                        }
+                    }
+                    Err(e) => finish(Err(e)),
+                },
+                DbCommand::Update => finish(commands::db_update(&config).await),
+                DbCommand::Import { file } => finish(commands::db_import(&config, &file).await),
+            }
+        });
+    }
     runtime.block_on(async_main(cli.command, config))
 }
 
@@ -121,15 +162,13 @@ async fn async_main(command: Command, config: Config) -> ExitCode {
                     ExitCode::from(EXIT_FAILURE)
                 }
             },
-            Command::Once => {
-                let result = daemon.cycle(&root).await;
-                let _ = daemon.store().flush().await;
-                match result {
-                    Ok(summary) if summary.failed == 0 && !root.is_cancelled() => ExitCode::SUCCESS,
-                    _ => ExitCode::from(EXIT_FAILURE),
+            Command::Once => match daemon.once(&root).await {
+                Ok(summary) if summary.failed == 0 && summary.held == 0 && !root.is_cancelled() => {
+                    ExitCode::SUCCESS
                 }
-            }
-            Command::CheckConfig | Command::Report { .. } => ExitCode::SUCCESS,
+                _ => ExitCode::from(EXIT_FAILURE),
+            },
+            Command::CheckConfig | Command::Report { .. } | Command::Db { .. } => ExitCode::SUCCESS,
         }
     };
     tokio::select! {
@@ -138,37 +177,15 @@ async fn async_main(command: Command, config: Config) -> ExitCode {
     }
 }
 
-fn report(config: &Config, json: bool) -> ExitCode {
-    let store = match Store::open(&config.state_dir) {
-        Ok(s) => s,
+fn finish(result: Result<String, CommandError>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
-            let setup = matches!(
-                e,
-                StateError::Locked { .. } | StateError::NewerSchema { .. }
-            );
-            return ExitCode::from(if setup { EXIT_USAGE } else { EXIT_FAILURE });
+            eprintln!("error: {}", e.message);
+            ExitCode::from(if e.setup { EXIT_USAGE } else { EXIT_FAILURE })
         }
-    };
-    let images = match store.all_images() {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    if json {
-        for image in &images {
-            match serde_json::to_string(image) {
-                Ok(line) => println!("{line}"),
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(EXIT_FAILURE);
-                }
-            }
-        }
-    } else {
-        print!("{}", spcs_image_scanner::report::render_table(&images));
     }
-    ExitCode::SUCCESS
 }

@@ -59,11 +59,14 @@ pub fn render_table(images: &[ImageRecord]) -> String {
                         other
                     )
                 };
-                let note = if scan.mode == ScanMode::SbomOnly {
-                    " [SBOM only, not matched]"
+                let mut note = if scan.mode == ScanMode::SbomOnly {
+                    " [SBOM only, not matched]".to_string()
                 } else {
-                    ""
+                    String::new()
                 };
+                if !scan.flags.is_empty() {
+                    note.push_str(&format!(" [{}]", scan.flags.join(", ")));
+                }
                 let _ = writeln!(
                     out,
                     "{short:<19} {:<11} {:>8} {cells}  {tags}{note}",
@@ -133,6 +136,7 @@ mod tests {
             sbom_file: "s".into(),
             packages: 7,
             matches: 3,
+            flags: vec!["stale_db".to_string()],
             severities: [("Critical".to_string(), 2), ("Negligible".to_string(), 1)]
                 .into_iter()
                 .collect(),
@@ -147,7 +151,10 @@ mod tests {
         let table = render_table(&[sig, scanned]);
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[1].starts_with("sha256:aaaaaaaaaaaa"), "{table}");
-        assert!(lines[1].contains("demo/x:1.0"), "{table}");
+        assert!(
+            lines[1].contains("demo/x:1.0") && lines[1].contains("[stale_db]"),
+            "{table}"
+        );
         assert!(
             lines[1].split_whitespace().collect::<Vec<_>>()[2..8] == ["7", "2", "0", "0", "0", "1"],
             "{table}"

@@ -22,7 +22,9 @@ use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::changes::ChangeRecord;
 use crate::digest::Digest;
+use crate::vulndb::DbState;
 
 /// Version of the record layout. Bump it, and migrate in [`Store::open`], when a change
 /// would make old records unreadable.
@@ -32,6 +34,9 @@ const SCHEMA_KEY: &[u8] = b"meta/schema";
 const TAG_PREFIX: &str = "tag/";
 const IMAGE_PREFIX: &str = "img/";
 const INDEX_PREFIX: &str = "idx/";
+const CHANGE_PREFIX: &str = "chg/";
+const VULNDB_KEY: &[u8] = b"meta/vulndb";
+const CHANGES_FLUSH_KEY: &[u8] = b"meta/changes_flush";
 
 /// Tries, and the wait between them, before a locked store is reported as held by
 /// another process (about one second in all).
@@ -134,6 +139,31 @@ pub struct ScanRecord {
     pub matches: usize,
     /// Matches per severity (`Critical`, `High`, ...).
     pub severities: BTreeMap<String, usize>,
+    /// Warnings about this result: `stale_db` (matched with a DB past `vulndb.max_age`),
+    /// `empty_sbom` (syft found no package: not a clean image, scanned again sooner).
+    #[serde(default)]
+    pub flags: Vec<String>,
+}
+
+/// Flag: matched with a DB older than `vulndb.max_age`.
+pub const FLAG_STALE_DB: &str = "stale_db";
+/// Flag: the SBOM lists no package.
+pub const FLAG_EMPTY_SBOM: &str = "empty_sbom";
+
+impl ScanRecord {
+    /// True when `flag` is set.
+    pub fn has_flag(&self, flag: &str) -> bool {
+        self.flags.iter().any(|f| f == flag)
+    }
+}
+
+/// A changes file about to be written, and the change records it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangesFlush {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+    pub keys: Vec<String>,
 }
 
 /// An output file and what it must contain when complete.
@@ -150,12 +180,17 @@ pub struct FileCheck {
 /// are adopted, partial ones deleted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PendingWrite {
-    /// The SBOM, copied first (only if no file has that name yet).
-    pub sbom: FileCheck,
+    /// The SBOM, copied first (only if no file has that name yet); `None` for a
+    /// re-match, which reuses the SBOM.
+    pub sbom: Option<FileCheck>,
     /// The grype document, copied last; `None` in SBOM-only mode.
     pub result: Option<FileCheck>,
     /// The scan record to adopt when the files are complete.
     pub scan: ScanRecord,
+    /// For a re-match: what changed against the previous result, queued for
+    /// `changes/` when the files are adopted.
+    #[serde(default)]
+    pub change: Option<ChangeRecord>,
 }
 
 /// What the daemon knows about one digest.
@@ -202,8 +237,8 @@ impl ImageRecord {
         }
     }
 
-    /// True when this digest should be scanned now: never scanned (or failed and due),
-    /// and still referenced by a tag.
+    /// True when this digest should get a full scan now: never scanned, failed and due,
+    /// or scanned with an empty SBOM and due again; and still referenced by a tag.
     pub fn is_due(&self, now: DateTime<Utc>) -> bool {
         if self.tags.is_empty() {
             return false;
@@ -211,7 +246,14 @@ impl ImageRecord {
         match self.status {
             ImageStatus::Pending => true,
             ImageStatus::Failed => self.next_retry.is_none_or(|t| t <= now),
-            ImageStatus::Scanning | ImageStatus::Scanned | ImageStatus::Unsupported => false,
+            // An empty SBOM is not a clean image: scanned again once its retry is due.
+            ImageStatus::Scanned => {
+                self.last_scan
+                    .as_ref()
+                    .is_some_and(|s| s.has_flag(FLAG_EMPTY_SBOM))
+                    && self.next_retry.is_some_and(|t| t <= now)
+            }
+            ImageStatus::Scanning | ImageStatus::Unsupported => false,
         }
     }
 }
@@ -308,6 +350,20 @@ impl Batch {
 
     pub fn put_index(&mut self, record: &IndexRecord) {
         self.put(format!("{INDEX_PREFIX}{}", record.digest), record);
+    }
+
+    /// Queues a change record for the next `changes/` file.
+    pub fn put_change(&mut self, record: &ChangeRecord) {
+        let hex = record
+            .digest
+            .split_once(':')
+            .map(|(_, h)| h)
+            .unwrap_or(&record.digest);
+        let key = format!(
+            "{CHANGE_PREFIX}{}-{hex}",
+            crate::output::timestamp(record.observed_at)
+        );
+        self.put(key, record);
     }
 
     /// Number of operations queued.
@@ -447,6 +503,82 @@ impl Store {
                 .or_default() += 1;
         }
         Ok(counts)
+    }
+
+    /// What is known about the vulnerability DB.
+    pub fn vulndb_state(&self) -> Result<DbState, StateError> {
+        Ok(self
+            .get_json(std::str::from_utf8(VULNDB_KEY).unwrap_or_default())?
+            .unwrap_or_default())
+    }
+
+    /// Records what is known about the vulnerability DB.
+    pub async fn put_vulndb_state(&self, state: &DbState) -> Result<(), StateError> {
+        let mut batch = Batch::default();
+        batch.put(String::from_utf8_lossy(VULNDB_KEY).to_string(), state);
+        self.commit(batch).await
+    }
+
+    /// Change records not yet written to a file, oldest first, with their keys.
+    pub fn pending_changes(&self) -> Result<Vec<(String, ChangeRecord)>, StateError> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(CHANGE_PREFIX.as_bytes()) {
+            let (key, value) = item.map_err(|source| self.storage(source))?;
+            let key = String::from_utf8_lossy(&key).to_string();
+            let record = serde_json::from_slice(&value).map_err(|source| StateError::Corrupt {
+                path: self.path.clone(),
+                key: key.escape_debug().to_string(),
+                source,
+            })?;
+            out.push((key, record));
+        }
+        Ok(out)
+    }
+
+    /// An interrupted changes-file write.
+    pub fn changes_flush_intent(&self) -> Result<Option<ChangesFlush>, StateError> {
+        self.get_json(std::str::from_utf8(CHANGES_FLUSH_KEY).unwrap_or_default())
+    }
+
+    /// Records that `name` is about to be written with the records under `keys`.
+    pub async fn begin_changes_flush(
+        &self,
+        name: &str,
+        size: u64,
+        sha256: &str,
+        keys: &[String],
+    ) -> Result<(), StateError> {
+        let mut batch = Batch::default();
+        let intent = ChangesFlush {
+            name: name.to_string(),
+            size,
+            sha256: sha256.to_string(),
+            keys: keys.to_vec(),
+        };
+        batch.put(
+            String::from_utf8_lossy(CHANGES_FLUSH_KEY).to_string(),
+            &intent,
+        );
+        self.commit(batch).await
+    }
+
+    /// The changes file is complete: drops its records and the intent.
+    pub async fn finish_changes_flush(&self, keys: &[String]) -> Result<(), StateError> {
+        let mut batch = Batch::default();
+        for key in keys {
+            batch.inner.remove(key.as_bytes());
+        }
+        batch.inner.remove(CHANGES_FLUSH_KEY);
+        batch.len += keys.len() + 1;
+        self.commit(batch).await
+    }
+
+    /// The changes file was not written: keeps the records, drops the intent.
+    pub async fn abandon_changes_flush(&self) -> Result<(), StateError> {
+        let mut batch = Batch::default();
+        batch.inner.remove(CHANGES_FLUSH_KEY);
+        batch.len += 1;
+        self.commit(batch).await
     }
 
     /// Applies `batch` atomically and flushes it to disk.

@@ -1,6 +1,6 @@
 //! One pass of "what does the registry show, what does the store know": list, HEAD every
-//! tag, diff, resolve new digests, write the inventory record, commit, and return the
-//! digests due for a scan.
+//! tag, diff, resolve new digests, write the inventory record and commit. What to scan
+//! is decided afterwards from the store ([`crate::daemon`]).
 //!
 //! Invariants:
 //! - Level-triggered: running a pass twice does no harm; a pass that fails part-way
@@ -91,8 +91,6 @@ pub struct PassReport {
     /// Listings cut short by `max_tags_per_repository` or the page cap.
     pub truncated: usize,
     pub inventory_file: Option<String>,
-    /// Digests due for a scan, in a stable order.
-    pub due: Vec<Digest>,
     pub duration: Duration,
 }
 
@@ -468,16 +466,6 @@ impl Watcher {
         }
         self.store.commit(batch).await?;
 
-        let now = Utc::now();
-        let mut due: Vec<Digest> = self
-            .store
-            .all_images()?
-            .into_iter()
-            .filter(|i| i.is_due(now))
-            .map(|i| i.digest)
-            .collect();
-        due.sort();
-        report.due = due;
         Ok(report)
     }
 

@@ -1,7 +1,7 @@
-//! Turning a due digest into result files and a committed state, in an order that a
-//! crash cannot break.
+//! Turning a job into result files and a committed state, in an order that a crash
+//! cannot break.
 //!
-//! For one digest:
+//! A full scan of one digest:
 //! 1. state: `scanning`, attempts + 1 (committed);
 //! 2. syft, then grype, in a private temporary directory ([`crate::scanner`]);
 //! 3. the SBOM into the local cache `state.dir/sboms/` (temp + rename);
@@ -10,10 +10,15 @@
 //!    document once under its final name in `output.dir/scans/`;
 //! 6. state: `scanned` with the scan record (committed).
 //!
+//! A re-match (after a DB change) runs grype on the cached SBOM: no registry traffic. It
+//! writes a new result file the same way (steps 4-6, the digest stays `scanned`) and, in
+//! the commit of step 6, a change record for `changes/` ([`crate::changes`]).
+//!
 //! A crash before 4 leaves nothing in `output.dir`; a crash between 4 and 6 is settled at
-//! start-up by [`recover`]: complete files are adopted (no second result), partial ones
-//! are deleted and the digest is scanned again. A failed scan is recorded with the tail of
-//! stderr and retried with exponential back-off; it never stops the daemon.
+//! start-up by [`recover`]: complete files are adopted (no second result for the same DB
+//! build), partial ones are deleted and the job runs again. A failed scan is recorded with
+//! the tail of stderr and retried with exponential back-off; it never stops the daemon.
+//! With no usable DB a job is held: the digest keeps its status and waits.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,35 +28,48 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::changes::{ChangeRecord, diff, findings};
 use crate::digest::Digest;
 use crate::output::{Output, OutputError, file_sha256};
+use crate::queue::{Job, JobKind};
 use crate::registry::RegistryClient;
 use crate::scanner::{ScanArtifacts, ScanError, Scanner, error_chain};
 use crate::state::{
-    Batch, FileCheck, ImageRecord, ImageStatus, PendingWrite, ScanMode, ScanRecord, StateError,
-    Store, split_tag_ref,
+    Batch, FLAG_EMPTY_SBOM, FLAG_STALE_DB, FileCheck, ImageRecord, ImageStatus, PendingWrite,
+    ScanMode, ScanRecord, StateError, Store, split_tag_ref,
 };
+use crate::vulndb::VulnDb;
 
 /// Characters of an error kept on a digest's record.
 const MAX_ERROR_CHARS: usize = 2000;
 
-/// What happened to one digest.
+/// What happened to one job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScanOutcome {
+    /// A full scan finished.
     Scanned {
         result_file: Option<String>,
         matches: usize,
+    },
+    /// A re-match finished; `changed` when findings were added, removed or changed.
+    Rematched {
+        result_file: String,
+        changed: bool,
     },
     Failed {
         error: String,
     },
     /// Not due any more (changed meanwhile) or nothing to pull it from.
     Skipped,
-    /// Stopped by shutdown; back to pending.
+    /// No usable DB now (missing, or stale and held): the digest waits.
+    Held {
+        reason: String,
+    },
+    /// Stopped by shutdown; the digest keeps or gets back its earlier status.
     Cancelled,
 }
 
-/// Back-off for failed scans: `initial`, doubling per attempt, at most `max`.
+/// Back-off: `initial`, doubling per attempt, at most `max`.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
     pub initial: Duration,
@@ -82,14 +100,18 @@ pub enum WorkerError {
     },
 }
 
-/// Scans digests and records the outcome.
+/// Runs jobs and records their outcome.
 pub struct Worker {
     pub store: Arc<Store>,
     pub scanner: Arc<Scanner>,
     pub registry: Arc<RegistryClient>,
+    pub vulndb: Arc<VulnDb>,
     pub output: Output,
     pub sbom_cache: PathBuf,
+    /// Failed scans.
     pub retry: RetryPolicy,
+    /// Scans whose SBOM came out empty.
+    pub empty_sbom_retry: RetryPolicy,
 }
 
 impl Worker {
@@ -98,34 +120,59 @@ impl Worker {
         state_dir.join("sboms")
     }
 
-    /// Scans `digest` if it is still due, and records the outcome.
-    pub async fn scan(&self, digest: &Digest, cancel: &CancellationToken) -> ScanOutcome {
-        match self.try_scan(digest, cancel).await {
+    /// The cached SBOM of `digest`.
+    pub fn cached_sbom(&self, digest: &Digest) -> PathBuf {
+        self.sbom_cache.join(format!("{}.syft.json", digest.hex()))
+    }
+
+    /// Runs `job` and records the outcome; never panics, never stops the daemon.
+    pub async fn run(&self, job: &Job, cancel: &CancellationToken) -> ScanOutcome {
+        let result = match job.kind {
+            JobKind::Scan => self.try_scan(&job.digest, true, cancel).await,
+            JobKind::Rematch => self.try_rematch(&job.digest, cancel).await,
+        };
+        match result {
             Ok(outcome) => outcome,
             Err(e) => {
                 let text = error_chain(&e);
-                error!(digest = %digest, error = %text, "scan could not be recorded");
+                error!(digest = %job.digest, error = %text, "job could not be recorded");
                 // Best effort: leave it failed so that it is retried, not stuck in scanning.
-                let _ = self.record_failure(digest, &text).await;
+                let _ = self.record_failure(&job.digest, &text).await;
                 ScanOutcome::Failed { error: text }
             }
+        }
+    }
+
+    /// Why matching cannot run now, if it cannot (SBOM-only mode never waits).
+    async fn held(&self) -> Option<String> {
+        if self.scanner.sbom_only() {
+            return None;
+        }
+        match self.vulndb.readiness(Utc::now()).await {
+            crate::vulndb::Readiness::NoDb(m) | crate::vulndb::Readiness::Held(m) => Some(m),
+            _ => None,
         }
     }
 
     async fn try_scan(
         &self,
         digest: &Digest,
+        require_due: bool,
         cancel: &CancellationToken,
     ) -> Result<ScanOutcome, WorkerError> {
         let Some(mut record) = self.store.get_image(digest)? else {
             return Ok(ScanOutcome::Skipped);
         };
-        if !record.is_due(Utc::now()) {
+        if require_due && !record.is_due(Utc::now()) {
             return Ok(ScanOutcome::Skipped);
         }
         let Some(repository) = pull_repository(&record) else {
             return Ok(ScanOutcome::Skipped);
         };
+        if let Some(reason) = self.held().await {
+            return Ok(ScanOutcome::Held { reason });
+        }
+        let before = record.status;
         record.status = ImageStatus::Scanning;
         record.attempts += 1;
         self.put(&record).await?;
@@ -141,19 +188,29 @@ impl Worker {
             .await
         {
             Ok(a) => a,
-            Err(e) if e.is_cancelled() => {
-                record.status = ImageStatus::Pending;
+            Err(e) if e.is_cancelled() || matches!(e, ScanError::DbUnavailable(_)) => {
+                // Not the image's fault: back to where it was, the attempt does not count.
+                record.status = if before == ImageStatus::Scanned {
+                    before
+                } else {
+                    ImageStatus::Pending
+                };
                 record.attempts = record.attempts.saturating_sub(1);
                 self.put(&record).await?;
-                warn!(digest = %digest, "scan stopped by shutdown; back to pending");
-                return Ok(ScanOutcome::Cancelled);
+                return Ok(match e {
+                    ScanError::DbUnavailable(reason) => ScanOutcome::Held { reason },
+                    _ => {
+                        warn!(digest = %digest, "scan stopped by shutdown; back to pending");
+                        ScanOutcome::Cancelled
+                    }
+                });
             }
-            Err(e) => return self.fail(record, &scan_error_text(&e)).await,
+            Err(e) => return self.fail(record, &error_chain(&e)).await,
         };
-        self.finish(record, artifacts).await
+        self.finish_scan(record, artifacts).await
     }
 
-    async fn finish(
+    async fn finish_scan(
         &self,
         mut record: ImageRecord,
         artifacts: ScanArtifacts,
@@ -174,6 +231,14 @@ impl Worker {
             }
             None => None,
         };
+        let mut flags = Vec::new();
+        if artifacts.stale_db {
+            flags.push(FLAG_STALE_DB.to_string());
+        }
+        let empty = artifacts.sbom.packages == 0;
+        if empty {
+            flags.push(FLAG_EMPTY_SBOM.to_string());
+        }
         let scan = ScanRecord {
             finished_at: now,
             mode: if artifacts.grype.is_some() {
@@ -194,30 +259,35 @@ impl Worker {
                 .as_ref()
                 .map(|g| g.severities.clone())
                 .unwrap_or_default(),
+            flags,
         };
 
         // Intent first, then the copies, then the commit: see the module docs.
         record.pending_write = Some(PendingWrite {
-            sbom: sbom.clone(),
+            sbom: Some(sbom.clone()),
             result: result.as_ref().map(|(check, _)| check.clone()),
             scan: scan.clone(),
+            change: None,
         });
         self.put(&record).await?;
         self.output.copy_if_absent(&sbom_path, &sbom.path)?;
         if let Some((check, local)) = &result {
-            if self.output.copy_if_absent(local, &check.path)?.is_none() {
-                // Someone else took the name between free_name and the copy.
-                return Err(WorkerError::Output(OutputError::NoFreeName {
-                    path: self.output.path(&check.path),
-                }));
-            }
+            self.copy_result(local, check)?;
         }
 
         record.status = ImageStatus::Scanned;
         record.pending_write = None;
         record.last_error = None;
-        record.next_retry = None;
         record.last_scan = Some(scan.clone());
+        record.next_retry = if empty {
+            // No package is not a clean image: an unreadable filesystem, an unknown
+            // distro, a truncated pull. Look again sooner than any DB change would.
+            let delay = self.empty_sbom_retry.delay(record.attempts);
+            warn!(digest = %digest, retry_in = ?delay, "SBOM lists no package: flagged empty_sbom, scanning again later");
+            Some(now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1)))
+        } else {
+            None
+        };
         self.put(&record).await?;
         match &scan.result_file {
             Some(file) => info!(
@@ -225,6 +295,7 @@ impl Worker {
                 packages = scan.packages,
                 matches = scan.matches,
                 db_build = scan.db_build.as_deref().unwrap_or("unknown"),
+                stale_db = artifacts.stale_db,
                 result = %file,
                 "scan finished"
             ),
@@ -239,6 +310,174 @@ impl Worker {
             result_file: scan.result_file,
             matches: scan.matches,
         })
+    }
+
+    /// grype on the cached SBOM; a digest without one gets a full scan.
+    async fn try_rematch(
+        &self,
+        digest: &Digest,
+        cancel: &CancellationToken,
+    ) -> Result<ScanOutcome, WorkerError> {
+        let Some(mut record) = self.store.get_image(digest)? else {
+            return Ok(ScanOutcome::Skipped);
+        };
+        let Some(previous) = record
+            .last_scan
+            .clone()
+            .filter(|_| record.status == ImageStatus::Scanned)
+        else {
+            return Ok(ScanOutcome::Skipped);
+        };
+        let sbom = self.cached_sbom(digest);
+        if !sbom.exists() {
+            info!(digest = %digest, "no cached SBOM: a full scan instead of a re-match");
+            return self.try_scan(digest, false, cancel).await;
+        }
+        if let Some(reason) = self.held().await {
+            return Ok(ScanOutcome::Held { reason });
+        }
+        info!(digest = %digest, previous_db_build = previous.db_build.as_deref().unwrap_or("none"), "re-match started");
+        let matched = match self.scanner.rematch(digest, &sbom, cancel).await {
+            Ok(m) => m,
+            Err(e) if e.is_cancelled() => return Ok(ScanOutcome::Cancelled),
+            Err(ScanError::DbUnavailable(reason)) => return Ok(ScanOutcome::Held { reason }),
+            Err(e) => {
+                let text = error_chain(&e);
+                record.attempts += 1;
+                let delay = self.retry.delay(record.attempts);
+                record.last_error = Some(truncate(&text, MAX_ERROR_CHARS));
+                record.next_retry = Some(
+                    Utc::now()
+                        + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1)),
+                );
+                self.put(&record).await?;
+                warn!(digest = %digest, retry_in = ?delay, error = %text, "re-match failed; the previous result stands");
+                return Ok(ScanOutcome::Failed { error: text });
+            }
+        };
+        let now = Utc::now();
+        let name = self.output.free_name(&Output::scan_result_name(
+            digest,
+            now,
+            matched.summary.db_build.as_deref(),
+        ))?;
+        let check = check_local(&matched.grype_path, name)?;
+
+        let change = self.change_record(
+            &record,
+            &previous,
+            &check.path,
+            &matched.grype_path,
+            matched.summary.db_build.clone(),
+            now,
+        );
+        let scan = ScanRecord {
+            finished_at: now,
+            mode: ScanMode::Full,
+            syft_version: previous.syft_version.clone(),
+            grype_version: Some(matched.grype_version.clone()),
+            db_build: matched.summary.db_build.clone(),
+            db_schema: matched.summary.db_schema.clone(),
+            result_file: Some(check.path.clone()),
+            sbom_file: previous.sbom_file.clone(),
+            packages: previous.packages,
+            matches: matched.summary.matches,
+            severities: matched.summary.severities.clone(),
+            flags: if matched.stale_db {
+                vec![FLAG_STALE_DB.to_string()]
+            } else {
+                Vec::new()
+            },
+        };
+        record.pending_write = Some(PendingWrite {
+            sbom: None,
+            result: Some(check.clone()),
+            scan: scan.clone(),
+            change: change.clone(),
+        });
+        self.put(&record).await?;
+        self.copy_result(&matched.grype_path, &check)?;
+
+        record.pending_write = None;
+        record.last_scan = Some(scan.clone());
+        record.last_error = None;
+        record.next_retry = None;
+        let mut batch = Batch::default();
+        batch.put_image(&record);
+        if let Some(change) = &change {
+            batch.put_change(change);
+        }
+        self.store.commit(batch).await?;
+        info!(
+            digest = %digest,
+            db_build = scan.db_build.as_deref().unwrap_or("unknown"),
+            matches = scan.matches,
+            added = change.as_ref().map_or(0, |c| c.added.len()),
+            removed = change.as_ref().map_or(0, |c| c.removed.len()),
+            changed = change.as_ref().map_or(0, |c| c.changed.len()),
+            result = %check.path,
+            "re-match finished"
+        );
+        Ok(ScanOutcome::Rematched {
+            result_file: check.path,
+            changed: change.is_some(),
+        })
+    }
+
+    /// The findings added, removed and changed since the previous result; `None` when
+    /// nothing changed.
+    fn change_record(
+        &self,
+        record: &ImageRecord,
+        previous: &ScanRecord,
+        result_name: &str,
+        result_local: &Path,
+        db_build: Option<String>,
+        now: chrono::DateTime<Utc>,
+    ) -> Option<ChangeRecord> {
+        let after = match findings(result_local) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(digest = %record.digest, error = %error_chain(&e), "cannot read the new result for the change record");
+                return None;
+            }
+        };
+        let before = match previous
+            .result_file
+            .as_deref()
+            .map(|name| findings(&self.output.path(name)))
+        {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => {
+                warn!(digest = %record.digest, error = %error_chain(&e), "previous result unreadable: every finding counts as added");
+                Default::default()
+            }
+            None => Default::default(),
+        };
+        let (added, removed, changed) = diff(&before, &after);
+        let change = ChangeRecord {
+            digest: record.digest.to_string(),
+            tags: record.tags.iter().cloned().collect(),
+            previous_result: previous.result_file.clone(),
+            result: result_name.to_string(),
+            previous_db_build: previous.db_build.clone(),
+            db_build,
+            observed_at: now,
+            added,
+            removed,
+            changed,
+        };
+        (!change.is_empty()).then_some(change)
+    }
+
+    fn copy_result(&self, local: &Path, check: &FileCheck) -> Result<(), WorkerError> {
+        if self.output.copy_if_absent(local, &check.path)?.is_none() {
+            // Someone else took the name between free_name and the copy.
+            return Err(WorkerError::Output(OutputError::NoFreeName {
+                path: self.output.path(&check.path),
+            }));
+        }
+        Ok(())
     }
 
     async fn fail(&self, mut record: ImageRecord, text: &str) -> Result<ScanOutcome, WorkerError> {
@@ -259,7 +498,9 @@ impl Worker {
 
     async fn record_failure(&self, digest: &Digest, text: &str) -> Result<(), WorkerError> {
         if let Some(record) = self.store.get_image(digest)? {
-            self.fail(record, text).await?;
+            if record.status == ImageStatus::Scanning {
+                self.fail(record, text).await?;
+            }
         }
         Ok(())
     }
@@ -280,7 +521,7 @@ impl Worker {
         let tmp = tempfile::NamedTempFile::new_in(&self.sbom_cache).map_err(err)?;
         std::fs::copy(src, tmp.path()).map_err(err)?;
         tmp.as_file().sync_all().map_err(err)?;
-        tmp.persist(self.sbom_cache.join(format!("{}.syft.json", digest.hex())))
+        tmp.persist(self.cached_sbom(digest))
             .map_err(|e| err(e.error))?;
         Ok(())
     }
@@ -310,10 +551,6 @@ fn pull_repository(record: &ImageRecord) -> Option<String> {
         .or_else(|| record.repositories.iter().next().cloned())
 }
 
-fn scan_error_text(e: &ScanError) -> String {
-    error_chain(e)
-}
-
 fn truncate(text: &str, max: usize) -> String {
     if text.chars().count() <= max {
         text.to_string()
@@ -327,13 +564,13 @@ fn truncate(text: &str, max: usize) -> String {
 pub struct Recovery {
     /// Digests left `scanning` by a crash, back to `pending`.
     pub requeued: usize,
-    /// Result files found complete after a crash and adopted.
+    /// Output files found complete after a crash and adopted.
     pub adopted: usize,
-    /// Partial result files removed.
+    /// Partial output files removed.
     pub removed_partial: usize,
 }
 
-/// Start-up: clears the temp area and settles digests a crash left `scanning`.
+/// Start-up: clears the temp area and settles what a crash left half done.
 pub async fn recover(
     store: &Store,
     output: &Output,
@@ -350,7 +587,7 @@ pub async fn recover(
     let mut recovery = Recovery::default();
     let mut batch = Batch::default();
     for mut record in store.all_images()? {
-        if record.status != ImageStatus::Scanning {
+        if record.status != ImageStatus::Scanning && record.pending_write.is_none() {
             continue;
         }
         let complete = |f: &FileCheck| output.is_complete(&f.path, f.size, &f.sha256);
@@ -360,13 +597,17 @@ pub async fn recover(
             |f: &FileCheck| complete(f) || (scanned_before && output.path(&f.path).exists());
         match record.pending_write.take() {
             Some(pending)
-                if sbom_ok(&pending.sbom) && pending.result.as_ref().is_none_or(complete) =>
+                if pending.sbom.as_ref().is_none_or(sbom_ok)
+                    && pending.result.as_ref().is_none_or(complete) =>
             {
                 info!(digest = %record.digest, "results written just before a crash adopted");
                 record.status = ImageStatus::Scanned;
                 record.last_scan = Some(pending.scan);
                 record.last_error = None;
                 record.next_retry = None;
+                if let Some(change) = &pending.change {
+                    batch.put_change(change);
+                }
                 recovery.adopted += 1;
             }
             Some(pending) => {
@@ -377,13 +618,19 @@ pub async fn recover(
                 }
                 // An SBOM that existed before this attempt was never touched by it; one
                 // that did not, and is not complete, is a partial copy.
-                if !scanned_before && !complete(&pending.sbom) {
-                    output.remove(&pending.sbom.path)?;
+                if let Some(sbom) = pending
+                    .sbom
+                    .as_ref()
+                    .filter(|s| !scanned_before && !complete(s))
+                {
+                    output.remove(&sbom.path)?;
                     recovery.removed_partial += 1;
-                    warn!(digest = %record.digest, file = %pending.sbom.path, "partial SBOM from a crash removed");
+                    warn!(digest = %record.digest, file = %sbom.path, "partial SBOM from a crash removed");
                 }
-                record.status = ImageStatus::Pending;
-                recovery.requeued += 1;
+                if record.status == ImageStatus::Scanning {
+                    record.status = ImageStatus::Pending;
+                    recovery.requeued += 1;
+                }
             }
             None => {
                 record.status = ImageStatus::Pending;
@@ -431,6 +678,7 @@ mod tests {
             packages: 1,
             matches: 0,
             severities: Default::default(),
+            flags: Vec::new(),
         };
         let check = |w: &crate::output::Written| FileCheck {
             path: w.name.clone(),
@@ -464,9 +712,10 @@ mod tests {
             let mut r = ImageRecord::new(d, "m".into(), now);
             r.status = ImageStatus::Scanning;
             r.pending_write = Some(PendingWrite {
-                sbom,
+                sbom: Some(sbom),
                 result,
                 scan: scan.clone(),
+                change: None,
             });
             batch.put_image(&r);
         }

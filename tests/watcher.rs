@@ -707,7 +707,7 @@ async fn bad_config_exits_64_naming_the_key() {
     let scanner = Scanner::new("http://127.0.0.1:1");
     scanner.write_config();
     let mut text = std::fs::read_to_string(scanner.config_path()).unwrap();
-    text = text.replace("[scanner]\n", "[scanner]\nconcurrency = 0\n");
+    text = text.replace("concurrency = 2\n", "concurrency = 0\n");
     std::fs::write(scanner.config_path(), text).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_spcs-image-scanner"))
         .arg("--config")
@@ -719,7 +719,7 @@ async fn bad_config_exits_64_naming_the_key() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("scanner.concurrency"), "{stderr}");
     assert!(
-        !scanner.state_dir().exists(),
+        !scanner.state_dir().join("db").exists(),
         "nothing starts before the config is valid"
     );
 }

@@ -8,7 +8,8 @@
 //!   start-up.
 //! - Registry credentials reach syft only as `SYFT_REGISTRY_AUTH_*` variables; grype reads
 //!   the SBOM and gets none. Update checks are off; grype never updates its DB during a
-//!   scan (`GRYPE_DB_AUTO_UPDATE=false`).
+//!   scan: it runs with the settings of [`crate::vulndb`] and holds a DB permit, so no
+//!   update replaces the DB under it.
 //! - A result counts only if the child exited 0, was not killed by a signal, and its
 //!   output file parses as the expected document ([`report`]).
 
@@ -18,12 +19,15 @@ pub mod report;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::digest::Digest;
 use crate::registry::auth::Credentials;
+use crate::vulndb::{Readiness, VulnDb};
 use process::{Invocation, ProcessError, readable_tail};
 use report::{GrypeSummary, ReportError, SbomSummary};
 
@@ -83,6 +87,10 @@ pub enum ScanError {
     },
     #[error("{tool} version could not be read: {reason}")]
     Version { tool: &'static str, reason: String },
+    /// The DB may not be used now (missing, or stale with `on_stale = "hold"`): the
+    /// digest waits, it has not failed.
+    #[error("{0}")]
+    DbUnavailable(String),
 }
 
 impl ScanError {
@@ -107,6 +115,8 @@ pub struct ScanArtifacts {
     pub grype: Option<GrypeSummary>,
     pub syft_version: String,
     pub grype_version: Option<String>,
+    /// Matched with a DB past `vulndb.max_age` (`on_stale = "scan-and-flag"`).
+    pub stale_db: bool,
 }
 
 impl ScanArtifacts {
@@ -123,6 +133,36 @@ impl ScanArtifacts {
     }
 }
 
+/// What a re-match produced, in its own temporary directory (removed on drop).
+#[derive(Debug)]
+pub struct MatchArtifacts {
+    dir: tempfile::TempDir,
+    pub grype_path: PathBuf,
+    pub summary: GrypeSummary,
+    pub grype_version: String,
+    pub stale_db: bool,
+}
+
+impl MatchArtifacts {
+    /// The temporary directory (kept alive as long as this value).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+struct Matched {
+    summary: GrypeSummary,
+    version: String,
+    stale: bool,
+}
+
+/// The variables of `env` that children may see ([`PASSTHROUGH_ENV`]).
+pub fn passthrough_env(env: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+    env.into_iter()
+        .filter(|(k, _)| PASSTHROUGH_ENV.contains(&k.as_str()))
+        .collect()
+}
+
 const SBOM_FILE: &str = "sbom.syft.json";
 const GRYPE_FILE: &str = "grype.json";
 
@@ -131,7 +171,7 @@ pub struct Scanner {
     syft: PathBuf,
     grype: Option<PathBuf>,
     timeout: Duration,
-    db_cache_dir: Option<PathBuf>,
+    vulndb: Arc<VulnDb>,
     tmp_root: PathBuf,
     registry_host: String,
     plain_http: bool,
@@ -141,17 +181,14 @@ pub struct Scanner {
 }
 
 impl Scanner {
-    /// A scanner for `config`; children get `PASSTHROUGH_ENV` from `daemon_env`.
-    pub fn new(config: &Config, daemon_env: impl IntoIterator<Item = (String, String)>) -> Self {
-        let passthrough = daemon_env
-            .into_iter()
-            .filter(|(k, _)| PASSTHROUGH_ENV.contains(&k.as_str()))
-            .collect();
+    /// A scanner for `config`; children get [`passthrough_env`] of the daemon's
+    /// environment, and grype its DB settings from `vulndb`.
+    pub fn new(config: &Config, passthrough: Vec<(String, String)>, vulndb: Arc<VulnDb>) -> Self {
         Scanner {
             syft: config.scanner.syft.clone(),
             grype: config.scanner.grype.clone(),
             timeout: config.scanner.timeout,
-            db_cache_dir: config.vulndb.cache_dir.clone(),
+            vulndb,
             tmp_root: Self::tmp_root(&config.state_dir),
             registry_host: config.registry.host.clone(),
             plain_http: config.registry.plain_http,
@@ -179,18 +216,7 @@ impl Scanner {
         credentials: Option<&Credentials>,
         cancel: &CancellationToken,
     ) -> Result<ScanArtifacts, ScanError> {
-        std::fs::create_dir_all(&self.tmp_root).map_err(|source| ScanError::Prepare {
-            path: self.tmp_root.clone(),
-            source,
-        })?;
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("scan-{}-", digest.short()))
-            .tempdir_in(&self.tmp_root)
-            .map_err(|source| ScanError::Prepare {
-                path: self.tmp_root.clone(),
-                source,
-            })?;
-
+        let dir = self.scan_dir(digest)?;
         let syft_version = self
             .version("syft", &self.syft, &self.syft_version, dir.path(), cancel)
             .await?;
@@ -219,24 +245,11 @@ impl Scanner {
             source,
         })?;
 
-        let (grype, grype_version) = match &self.grype {
-            None => (None, None),
-            Some(program) => {
-                let version = self
-                    .version("grype", program, &self.grype_version, dir.path(), cancel)
-                    .await?;
-                let out = dir.path().join(GRYPE_FILE);
-                let inv = self
-                    .base(program, dir.path())
-                    .arg(format!("sbom:{}", sbom_path.display()))
-                    .arg("-o")
-                    .arg(format!("json={}", out.display()));
-                self.run_tool("grype", &inv, cancel, None).await?;
-                let summary = report::read_grype(&out).map_err(|source| ScanError::Output {
-                    tool: "grype",
-                    source,
-                })?;
-                (Some(summary), Some(version))
+        let (grype, grype_version, stale) = match &self.grype {
+            None => (None, None, false),
+            Some(_) => {
+                let matched = self.match_into(&sbom_path, dir.path(), cancel).await?;
+                (Some(matched.summary), Some(matched.version), matched.stale)
             }
         };
         Ok(ScanArtifacts {
@@ -245,24 +258,93 @@ impl Scanner {
             grype,
             syft_version,
             grype_version,
+            stale_db: stale,
         })
     }
 
-    /// An invocation with the passthrough environment, `TMPDIR` set to the scan
-    /// directory, and grype's DB settings (harmless for syft).
+    /// An invocation with the passthrough environment and `TMPDIR` set to the scan
+    /// directory.
     fn base(&self, program: &Path, dir: &Path) -> Invocation {
         let mut inv = Invocation::new(program, dir);
         for (k, v) in &self.passthrough {
             inv = inv.env(k, v.clone());
         }
-        inv = inv
-            .env("TMPDIR", dir.display().to_string())
-            .env("GRYPE_DB_AUTO_UPDATE", "false")
-            .env("GRYPE_CHECK_FOR_APP_UPDATE", "false");
-        if let Some(cache) = &self.db_cache_dir {
-            inv = inv.env("GRYPE_DB_CACHE_DIR", cache.display().to_string());
+        inv.env("TMPDIR", dir.display().to_string())
+    }
+
+    /// Matches the cached SBOM at `sbom` against the current DB (a re-match: no registry
+    /// traffic).
+    pub async fn rematch(
+        &self,
+        digest: &Digest,
+        sbom: &Path,
+        cancel: &CancellationToken,
+    ) -> Result<MatchArtifacts, ScanError> {
+        let dir = self.scan_dir(digest)?;
+        let matched = self.match_into(sbom, dir.path(), cancel).await?;
+        Ok(MatchArtifacts {
+            grype_path: dir.path().join(GRYPE_FILE),
+            dir,
+            summary: matched.summary,
+            grype_version: matched.version,
+            stale_db: matched.stale,
+        })
+    }
+
+    /// `grype sbom:<sbom> -o json=<dir>/grype.json` under a DB permit.
+    async fn match_into(
+        &self,
+        sbom: &Path,
+        dir: &Path,
+        cancel: &CancellationToken,
+    ) -> Result<Matched, ScanError> {
+        let program = self.grype.as_ref().ok_or_else(|| {
+            ScanError::DbUnavailable("no grype configured (SBOM-only mode)".into())
+        })?;
+        let version = self
+            .version("grype", program, &self.grype_version, dir, cancel)
+            .await?;
+        let permit = self.vulndb.permit().await.map_err(|r| {
+            ScanError::DbUnavailable(match r {
+                Readiness::NoDb(m) | Readiness::Held(m) => m,
+                other => format!("{other:?}"),
+            })
+        })?;
+        let out = dir.join(GRYPE_FILE);
+        let mut inv = self
+            .base(program, dir)
+            .arg(format!("sbom:{}", sbom.display()))
+            .arg("-o")
+            .arg(format!("json={}", out.display()));
+        for (k, v) in self.vulndb.grype_env(permit.stale) {
+            inv = inv.env(&k, v);
         }
-        inv
+        let stale = permit.stale;
+        self.run_tool("grype", &inv, cancel, None).await?;
+        drop(permit);
+        let summary = report::read_grype(&out).map_err(|source| ScanError::Output {
+            tool: "grype",
+            source,
+        })?;
+        Ok(Matched {
+            summary,
+            version,
+            stale,
+        })
+    }
+
+    fn scan_dir(&self, digest: &Digest) -> Result<tempfile::TempDir, ScanError> {
+        std::fs::create_dir_all(&self.tmp_root).map_err(|source| ScanError::Prepare {
+            path: self.tmp_root.clone(),
+            source,
+        })?;
+        tempfile::Builder::new()
+            .prefix(&format!("scan-{}-", digest.short()))
+            .tempdir_in(&self.tmp_root)
+            .map_err(|source| ScanError::Prepare {
+                path: self.tmp_root.clone(),
+                source,
+            })
     }
 
     async fn run_tool(

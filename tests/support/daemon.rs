@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::db_server::DbBuild;
 use spcs_image_scanner::digest::Digest;
 use spcs_image_scanner::state::{ImageRecord, Store, TagRecord};
 
@@ -56,6 +57,11 @@ pub struct Scanner {
     pub auth: Auth,
     pub grype: Option<PathBuf>,
     pub cron: String,
+    pub concurrency: usize,
+    /// Lines of the `[vulndb]` section (default: no automatic updates).
+    pub vulndb: String,
+    /// Lines of the `[rescan]` section.
+    pub rescan: String,
     pub extra: String,
 }
 
@@ -95,14 +101,25 @@ fn parse_events<'a>(lines: impl Iterator<Item = &'a str>, message: &str) -> Vec<
 
 impl Scanner {
     pub fn new(registry_url: &str) -> Scanner {
-        Scanner {
+        let scanner = Scanner {
             dir: tempfile::tempdir().expect("temp dir"),
             registry_url: registry_url.to_string(),
             auth: Auth::None,
             grype: Some(grype()),
             cron: "0 0 0 1 1 *".to_string(),
+            concurrency: 2,
+            vulndb: "update_cron = \"\"".to_string(),
+            rescan: String::new(),
             extra: String::new(),
+        };
+        if using_standin() {
+            // A fresh DB, as a volume restored from a snapshot would hold (built a day ago,
+            // so never past the default max_age whenever the tests run).
+            let built = (chrono::Utc::now() - chrono::Duration::days(1))
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            DbBuild::from_fixture(&built).write_db_dir(&scanner.db_dir(), "test-seed");
         }
+        scanner
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -119,6 +136,25 @@ impl Scanner {
 
     pub fn secret_path(&self) -> PathBuf {
         self.dir.path().join("secret")
+    }
+
+    /// grype's DB directory: `state.dir/grype-db` with the stand-in; a real grype uses its
+    /// own (`$GRYPE_DB_CACHE_DIR`, else `~/.cache/grype/db`).
+    pub fn db_dir(&self) -> PathBuf {
+        if using_standin() {
+            return self.state_dir().join("grype-db");
+        }
+        match std::env::var_os("GRYPE_DB_CACHE_DIR") {
+            Some(d) if !d.is_empty() => PathBuf::from(d),
+            _ => {
+                PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/grype/db")
+            }
+        }
+    }
+
+    /// Removes the seeded DB (to test start-up without one).
+    pub fn remove_db(&self) {
+        let _ = std::fs::remove_dir_all(self.db_dir());
     }
 
     /// Writes the config (and the password or token file) for the current fields.
@@ -148,10 +184,15 @@ impl Scanner {
         let text = format!(
             "[registry]\nurl = {url:?}\n{auth}\nmax_retries = 1\nrequest_timeout = \"5s\"\n\
              [schedule]\ncron = {cron:?}\n\
-             [scanner]\nsyft = {syft:?}\ngrype = {grype:?}\ntimeout = \"120s\"\nretry_initial = \"1s\"\nretry_max = \"2s\"\n\
+             [scanner]\nsyft = {syft:?}\ngrype = {grype:?}\nconcurrency = {concurrency}\ntimeout = \"120s\"\nretry_initial = \"1s\"\nretry_max = \"2s\"\n\
+             [vulndb]\ncache_dir = {db:?}\n{vulndb}\n[rescan]\n{rescan}\n\
              [state]\ndir = {state:?}\n[output]\ndir = {output:?}\n[log]\nformat = \"json\"\nlevel = \"info\"\n{extra}",
             url = self.registry_url,
             cron = self.cron,
+            concurrency = self.concurrency,
+            db = self.db_dir().display().to_string(),
+            vulndb = self.vulndb,
+            rescan = self.rescan,
             syft = syft().display().to_string(),
             state = self.state_dir().display().to_string(),
             output = self.output_dir().display().to_string(),
@@ -412,12 +453,14 @@ pub async fn wait_for_file(path: &Path, timeout: Duration) {
     }
 }
 
-/// Writes an executable wrapper around `target` that first runs `before` (shell).
+/// Writes an executable wrapper around `target` that first runs `before` (shell) for
+/// scans, passing `version` and `db` commands straight through.
 pub fn wrapper_script(dir: &Path, name: &str, before: &str, target: &Path) -> PathBuf {
     use std::os::unix::fs::PermissionsExt as _;
     let path = dir.join(name);
     let text = format!(
-        "#!/bin/sh\n# test wrapper around {target}\nif [ \"$1\" != version ]; then\n{before}\nfi\nexec {target:?} \"$@\"\n",
+        "#!/bin/sh\n# test wrapper around {target}: scans only (version and db commands pass through)\n\
+         if [ \"$1\" != version ] && [ \"$1\" != db ]; then\n{before}\nfi\nexec {target:?} \"$@\"\n",
         target = target.display()
     );
     std::fs::write(&path, text).expect("write wrapper");

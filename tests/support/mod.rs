@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod db_server;
 pub mod oci;
 pub mod registry;
 pub mod scripted_http;

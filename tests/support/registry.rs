@@ -132,6 +132,8 @@ pub struct LoggedRequest {
     pub path: String,
     /// HTTP status of the response.
     pub status: u16,
+    /// Response body bytes sent (0 for `-`).
+    pub bytes: u64,
     /// The `User-Agent` header (empty when the client sent none).
     pub user_agent: String,
 }
@@ -641,13 +643,15 @@ pub fn parse_combined_line(line: &str) -> Option<LoggedRequest> {
     let rest = rest.trim_start();
     let (status, rest) = rest.split_once(' ')?;
     let status: u16 = status.parse().ok()?;
-    let (_size, rest) = rest.trim_start().split_once(' ')?;
+    let (size, rest) = rest.trim_start().split_once(' ')?;
+    let bytes = size.parse().unwrap_or(0);
     let (_referer, rest) = take_quoted(rest.trim_start())?;
     let (user_agent, _) = take_quoted(rest.trim_start())?;
     Some(LoggedRequest {
         method,
         path,
         status,
+        bytes,
         user_agent,
     })
 }
