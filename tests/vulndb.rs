@@ -668,3 +668,86 @@ async fn a_new_image_is_scanned_before_200_pending_rematches() {
         ImageStatus::Scanned
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_sbom_is_flagged_and_scanned_again_sooner() {
+    let registry = TestRegistry::start(RegistryOptions::anonymous()).await;
+    let pusher = Pusher::new(&registry.url(), None);
+    // A Debian root filesystem whose dpkg database lists nothing.
+    let empty = pusher
+        .push_image(
+            "app/empty",
+            "1",
+            &DebianImage::default().with_packages(&[]),
+            ManifestFormat::Oci,
+        )
+        .await
+        .unwrap();
+    let mut scanner = Scanner::new(&registry.url());
+    scanner.rescan = "empty_sbom_retry = \"1s\"".into();
+    let run = scanner.once();
+    assert_eq!(run.code, Some(0), "{}", run.stdout);
+    let record = scanner.image(&empty.digest).unwrap();
+    let scan = record.last_scan.clone().unwrap();
+    assert_eq!(scan.packages, 0);
+    assert_eq!(scan.flags, vec!["empty_sbom"]);
+    let retry = record.next_retry.expect("an empty SBOM is looked at again");
+    assert!(run.stdout.contains("flagged empty_sbom"), "{}", run.stdout);
+
+    // Due again after its (short) back-off: a full scan, not a re-match.
+    while Utc::now() <= retry + chrono::Duration::milliseconds(50) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let run = scanner.once();
+    assert_eq!(run.summary()["queued"], 1, "{}", run.stdout);
+    assert_eq!(run.events("scan started").len(), 1);
+    let record = scanner.image(&empty.digest).unwrap();
+    assert_eq!(record.attempts, 2);
+    assert!(
+        record.next_retry.unwrap() - record.last_scan.unwrap().finished_at
+            >= chrono::Duration::seconds(2),
+        "doubled"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scanner_killed_by_a_signal_or_leaving_an_empty_report_is_a_failure_never_a_clean_result()
+{
+    let registry = TestRegistry::start(RegistryOptions::anonymous()).await;
+    let pusher = Pusher::new(&registry.url(), None);
+    let image = pusher
+        .push_image("app/svc", "1", &DebianImage::default(), ManifestFormat::Oci)
+        .await
+        .unwrap();
+    for (name, behaviour, expected) in [
+        // grype interrupted: exits 0 and leaves an empty report (grype-syft.md §4).
+        (
+            "grype-sigint",
+            "out=${3#json=}; : > \"$out\"; exit 0",
+            "grype document is empty",
+        ),
+        ("grype-killed", "kill -KILL $$", "killed by signal 9"),
+    ] {
+        let mut scanner = Scanner::new(&registry.url());
+        scanner.grype = Some(wrapper_script(
+            scanner.dir.path(),
+            name,
+            behaviour,
+            &support::daemon::grype(),
+        ));
+        let run = scanner.once();
+        assert_eq!(run.code, Some(1), "{name}: {}", run.stdout);
+        let record = scanner.image(&image.digest).unwrap();
+        assert_eq!(record.status, ImageStatus::Failed, "{name}");
+        assert!(
+            record.last_scan.is_none(),
+            "{name}: no clean result recorded"
+        );
+        assert!(
+            record.last_error.as_deref().unwrap().contains(expected),
+            "{name}: {:?}",
+            record.last_error
+        );
+        assert!(scanner.result_files().is_empty(), "{name}: no result file");
+    }
+}
