@@ -66,6 +66,20 @@ fn new_advisory() -> serde_json::Value {
     })
 }
 
+/// One advisory of the fixture, by id.
+fn fixture_advisory(id: &str) -> serde_json::Value {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/advisories.json");
+    let fixture: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    fixture["advisories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == id && a["distro"]["versionID"] == "11")
+        .cloned()
+        .unwrap_or_else(|| panic!("{id} in the fixture"))
+}
+
 /// `scans/<hex>/*.json` names per digest hex.
 fn result_names(scanner: &Scanner) -> BTreeMap<String, Vec<String>> {
     scanner
@@ -158,12 +172,17 @@ async fn a_db_update_rematches_every_image_from_its_cached_sbom_without_registry
     let full_requests = registry.requests_since_settled(mark).await;
     let full_bytes: u64 = full_requests.iter().map(|r| r.bytes).sum();
 
-    // A new DB: one advisory more, one less.
+    // A new DB: one advisory more, one less, one re-rated (Critical -> High, fixed -> unknown).
     let second_build = built(1);
+    let mut rerated = fixture_advisory("CVE-2022-37434");
+    rerated["severity"] = json!("High");
+    rerated["fix"] = json!({"versions": [], "state": "unknown"});
     server.publish(
         DbBuild::from_fixture(&second_build)
             .with_advisory(new_advisory())
-            .without_advisory("CVE-2018-25032"),
+            .without_advisory("CVE-2018-25032")
+            .without_advisory("CVE-2022-37434")
+            .with_advisory(rerated),
     );
     let mark = registry.wait_for_log_quiet().await;
     let started = Instant::now();
@@ -220,6 +239,23 @@ async fn a_db_update_rematches_every_image_from_its_cached_sbom_without_registry
     for change in &changes {
         assert_eq!(ids(&change["added"]), vec!["CVE-2099-0001"]);
         assert_eq!(ids(&change["removed"]), vec!["CVE-2018-25032"]);
+        let changed = change["changed"].as_array().unwrap();
+        assert_eq!(changed.len(), 1, "{change}");
+        assert_eq!(changed[0]["before"]["vulnerability"], "CVE-2022-37434");
+        assert_eq!(
+            (
+                changed[0]["before"]["severity"].as_str(),
+                changed[0]["after"]["severity"].as_str()
+            ),
+            (Some("Critical"), Some("High"))
+        );
+        assert_eq!(
+            (
+                changed[0]["before"]["fix_state"].as_str(),
+                changed[0]["after"]["fix_state"].as_str()
+            ),
+            (Some("fixed"), Some("unknown"))
+        );
         assert_eq!(change["previous_db_build"], first_build.as_str());
         assert_eq!(change["db_build"], second_build.as_str());
     }
@@ -750,4 +786,52 @@ async fn a_scanner_killed_by_a_signal_or_leaving_an_empty_report_is_a_failure_ne
         );
         assert!(scanner.result_files().is_empty(), "{name}: no result file");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_without_a_cached_sbom_gets_a_full_scan_after_a_db_change() {
+    if !using_standin() {
+        return;
+    }
+    let (registry, _pusher, images) = registry_with_images(1).await;
+    let server = DbServer::start(DbBuild::from_fixture(&built(30))).await;
+    let mut scanner = Scanner::new(&registry.url());
+    scanner.remove_db();
+    scanner.vulndb = format!(
+        "update_url = {:?}\nupdate_cron = \"0 0 0 1 1 *\"",
+        server.url()
+    );
+    assert_eq!(scanner.once().code, Some(0));
+    let digest = &images[0].digest;
+    std::fs::remove_file(
+        scanner
+            .state_dir()
+            .join("sboms")
+            .join(format!("{}.syft.json", hex(digest))),
+    )
+    .unwrap();
+
+    server.publish(DbBuild::from_fixture(&built(2)));
+    let mark = registry.wait_for_log_quiet().await;
+    let run = scanner.once();
+    assert_eq!(run.code, Some(0), "{}", run.stdout);
+    assert_eq!(run.events("scan started").len(), 1, "{}", run.stdout);
+    assert!(
+        run.stdout
+            .contains("no cached SBOM: a full scan instead of a re-match")
+    );
+    // syft pulled the image again: blobs were fetched.
+    let requests = registry.requests_since_settled(mark).await;
+    assert!(
+        requests.iter().any(|r| r.path.contains("/blobs/")),
+        "{requests:#?}"
+    );
+    assert!(
+        scanner
+            .state_dir()
+            .join("sboms")
+            .join(format!("{}.syft.json", hex(digest)))
+            .exists()
+    );
+    assert_eq!(result_names(&scanner)[&hex(digest)].len(), 2);
 }
