@@ -373,7 +373,15 @@ impl Daemon {
             .map(|d| self.queue.push(d.clone(), JobKind::Rematch, Lane::Rematch))
             .collect();
         if !plan.rematch.is_empty() {
-            info!(queued = plan.rematch.len(), db_build = ?readiness, "re-matches queued");
+            let build = match &readiness {
+                Readiness::Ready { build, .. } => build.as_deref().unwrap_or("unknown"),
+                _ => "unknown",
+            };
+            info!(
+                queued = plan.rematch.len(),
+                db_build = build,
+                "re-matches queued"
+            );
         }
         let mut outcomes = wait_all(full, cancel).await;
         let rematch_outcomes = if wait_rematch {

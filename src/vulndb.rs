@@ -348,12 +348,7 @@ impl VulnDb {
         })?;
         // The check only reads: no lock, scans go on.
         let check = self.invocation(&["db", "check", "-o", "json"], &[])?;
-        let done = process::run(&check, self.update_timeout, cancel)
-            .await
-            .map_err(|source| VulnDbError::Process {
-                command: "check",
-                source,
-            })?;
+        let done = self.run_db("check", &check, cancel).await?;
         match done.status.code() {
             Some(0) => {
                 self.refresh_status(cancel).await?;
@@ -361,30 +356,15 @@ impl VulnDb {
             }
             // 100: an update is available (or there is no DB yet).
             Some(100) => {}
-            code => {
-                return Err(VulnDbError::Exit {
-                    command: "check",
-                    code: code.unwrap_or(-1),
-                    stderr: readable_tail(&done.stderr, 1000),
-                });
-            }
+            _ => return Err(exit_error("check", &done)),
         }
         let _guard = self.lock.write().await;
         let update = self.invocation(&["db", "update"], &[])?;
-        let done = process::run(&update, self.update_timeout, cancel)
-            .await
-            .map_err(|source| VulnDbError::Process {
-                command: "update",
-                source,
-            })?;
+        let done = self.run_db("update", &update, cancel).await?;
         if !done.status.success() {
             // Re-read: grype keeps the old DB on failure, but say what is there now.
             let _ = self.status_unlocked(cancel).await;
-            return Err(VulnDbError::Exit {
-                command: "update",
-                code: done.status.code().unwrap_or(-1),
-                stderr: readable_tail(&done.stderr, 1000),
-            });
+            return Err(exit_error("update", &done));
         }
         self.status_unlocked(cancel).await?;
         Ok(true)
@@ -402,24 +382,27 @@ impl VulnDb {
         })?;
         let _guard = self.lock.write().await;
         let inv = self.invocation(&["db", "import", &file.display().to_string()], &[])?;
-        let done = process::run(&inv, self.update_timeout, cancel)
-            .await
-            .map_err(|source| VulnDbError::Process {
-                command: "import",
-                source,
-            })?;
+        let done = self.run_db("import", &inv, cancel).await?;
         if !done.status.success() {
-            return Err(VulnDbError::Exit {
-                command: "import",
-                code: done.status.code().unwrap_or(-1),
-                stderr: readable_tail(&done.stderr, 1000),
-            });
+            return Err(exit_error("import", &done));
         }
         let identity = self.status_unlocked(cancel).await?;
         let mut state = self.state.lock().await;
         state.updated_at = Some(Utc::now());
         state.last_error = None;
         Ok(identity)
+    }
+
+    /// Runs `grype db <command>`; `Err` only when it could not run to its end.
+    async fn run_db(
+        &self,
+        command: &'static str,
+        inv: &Invocation,
+        cancel: &CancellationToken,
+    ) -> Result<process::Finished, VulnDbError> {
+        process::run(inv, self.update_timeout, cancel)
+            .await
+            .map_err(|source| VulnDbError::Process { command, source })
     }
 
     fn invocation(&self, args: &[&str], extra: &[(&str, &str)]) -> Result<Invocation, VulnDbError> {
@@ -443,6 +426,14 @@ impl VulnDb {
             inv = inv.env(k, *v);
         }
         Ok(inv)
+    }
+}
+
+fn exit_error(command: &'static str, done: &process::Finished) -> VulnDbError {
+    VulnDbError::Exit {
+        command,
+        code: done.status.code().unwrap_or(-1),
+        stderr: readable_tail(&done.stderr, 1000),
     }
 }
 

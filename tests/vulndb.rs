@@ -547,15 +547,7 @@ async fn kill_9_during_rematching_finishes_the_rest_after_restart_without_duplic
     ));
     let mut daemon = scanner.spawn_run();
     wait_for_file(&marker, Duration::from_secs(120)).await;
-    daemon.signal(Signal::SIGKILL);
-    daemon.wait_exit(Duration::from_secs(10)).await;
-    let pid: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(pid > 1);
-    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+    daemon.crash(&pidfile).await;
     assert_eq!(daemon.events("re-match finished").len(), 2);
 
     scanner.grype = Some(support::daemon::grype());

@@ -451,19 +451,7 @@ async fn kill_9_during_a_scan_rescans_after_restart_without_partial_or_duplicate
     scanner.grype = Some(slow);
     let mut daemon = scanner.spawn_run();
     wait_for_file(&marker, Duration::from_secs(120)).await;
-    daemon.signal(Signal::SIGKILL);
-    daemon.wait_exit(Duration::from_secs(10)).await;
-    // The orphaned scanner group would run on; a crash of the whole container kills it too.
-    let pid: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(pid > 1, "grype's pid");
-    let _ = nix::sys::signal::killpg(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+    daemon.crash(&pidfile).await;
 
     assert_eq!(
         scanner.image(&a.digest).unwrap().status,

@@ -414,6 +414,23 @@ impl RunningDaemon {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("send signal");
     }
 
+    /// A crash of the whole container: SIGKILL to the daemon, then to the scanner's
+    /// process group (the group leader's pid is in `scanner_pidfile`).
+    pub async fn crash(&mut self, scanner_pidfile: &Path) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        self.wait_exit(Duration::from_secs(10)).await;
+        let pid: i32 = std::fs::read_to_string(scanner_pidfile)
+            .expect("scanner pid file")
+            .trim()
+            .parse()
+            .expect("scanner pid");
+        assert!(pid > 1, "scanner pid {pid}");
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+
     /// Waits (bounded) for the process to exit; returns its code.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = Instant::now() + timeout;
