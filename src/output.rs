@@ -168,12 +168,10 @@ impl Output {
 
     /// True when `name` exists with exactly this size and sha256.
     pub fn is_complete(&self, name: &str, size: u64, sha256: &str) -> bool {
-        match std::fs::read(self.path(name)) {
-            Ok(bytes) => {
-                bytes.len() as u64 == size && hex::encode(Sha256::digest(&bytes)) == sha256
-            }
-            Err(_) => false,
-        }
+        let path = self.path(name);
+        // The size first: a partial file is told apart without reading it.
+        std::fs::metadata(&path).is_ok_and(|m| m.len() == size)
+            && file_sha256(&path).is_ok_and(|(n, sum)| n == size && sum == sha256)
     }
 
     /// Removes `name` if it exists.
@@ -249,8 +247,21 @@ enum CreateError {
 
 /// sha256 and size of a local file.
 pub fn file_sha256(path: &Path) -> std::io::Result<(u64, String)> {
-    let bytes = std::fs::read(path)?;
-    Ok((bytes.len() as u64, hex::encode(Sha256::digest(&bytes))))
+    // Streamed: a grype document may be hundreds of MB.
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((size, hex::encode(hasher.finalize())))
 }
 
 #[cfg(test)]

@@ -200,3 +200,36 @@ async fn a_digest_header_that_is_not_a_digest_is_refused() {
         assert!(accept.contains(media_type), "{accept}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn requests_in_flight_are_bounded_by_concurrency() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let (f, m) = (in_flight.clone(), most.clone());
+    let digest = format!("sha256:{}", "a".repeat(64));
+    let server = ScriptedServer::start(move |_, _| {
+        let now = f.fetch_add(1, Ordering::SeqCst) + 1;
+        m.fetch_max(now, Ordering::SeqCst);
+        // Each answer takes a while (blocking this connection's worker on purpose).
+        std::thread::sleep(Duration::from_millis(100));
+        f.fetch_sub(1, Ordering::SeqCst);
+        Reply::json(200, "{}").header("Docker-Content-Digest", &digest)
+    })
+    .await;
+    let c = std::sync::Arc::new(client(&server.url(), "concurrency = 2"));
+    let heads = (0..10).map(|i| {
+        let c = c.clone();
+        async move { c.head_manifest("a/b", &format!("t{i}")).await }
+    });
+    for result in futures::future::join_all(heads).await {
+        result.unwrap();
+    }
+    assert_eq!(server.received().len(), 10);
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        2,
+        "at most registry.concurrency requests at once, and they do overlap"
+    );
+}

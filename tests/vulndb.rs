@@ -148,7 +148,8 @@ fn db_status(scanner: &Scanner) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_db_update_rematches_every_image_from_its_cached_sbom_without_registry_traffic() {
     if !using_standin() {
-        return; // needs a DB the test can change
+        eprintln!("skipped: this test drives the stand-in's DB, and GRYPE names a real grype");
+        return;
     }
     const N: usize = 4;
     let (registry, _pusher, images) = registry_with_images(N).await;
@@ -284,6 +285,7 @@ async fn a_db_update_rematches_every_image_from_its_cached_sbom_without_registry
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_update_keeps_the_current_db_is_recorded_and_scans_go_on() {
     if !using_standin() {
+        eprintln!("skipped: this test drives the stand-in's DB, and GRYPE names a real grype");
         return;
     }
     let (registry, _pusher, _images) = registry_with_images(1).await;
@@ -354,6 +356,7 @@ async fn a_failed_update_keeps_the_current_db_is_recorded_and_scans_go_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_db_holds_scans_or_flags_results_and_no_db_says_how_to_get_one() {
     if !using_standin() {
+        eprintln!("skipped: this test drives the stand-in's DB, and GRYPE names a real grype");
         return;
     }
     let (registry, _pusher, images) = registry_with_images(1).await;
@@ -412,6 +415,7 @@ async fn a_stale_db_holds_scans_or_flags_results_and_no_db_says_how_to_get_one()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn updates_while_scans_run_never_break_a_scan() {
     if !using_standin() {
+        eprintln!("skipped: this test drives the stand-in's DB, and GRYPE names a real grype");
         return;
     }
     const N: usize = 4;
@@ -514,6 +518,7 @@ async fn updates_while_scans_run_never_break_a_scan() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_rematching_finishes_the_rest_after_restart_without_duplicates() {
     if !using_standin() {
+        eprintln!("skipped: this test drives the stand-in's DB, and GRYPE names a real grype");
         return;
     }
     const N: usize = 4;
@@ -589,6 +594,7 @@ async fn kill_9_during_rematching_finishes_the_rest_after_restart_without_duplic
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_image_is_scanned_before_200_pending_rematches() {
     if !using_standin() {
+        eprintln!("skipped: this test drives the stand-in's DB, and GRYPE names a real grype");
         return;
     }
     const QUEUED: usize = 200;
@@ -783,6 +789,7 @@ async fn a_scanner_killed_by_a_signal_or_leaving_an_empty_report_is_a_failure_ne
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_digest_without_a_cached_sbom_gets_a_full_scan_after_a_db_change() {
     if !using_standin() {
+        eprintln!("skipped: this test drives the stand-in's DB, and GRYPE names a real grype");
         return;
     }
     let (registry, _pusher, images) = registry_with_images(1).await;
