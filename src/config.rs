@@ -115,6 +115,8 @@ pub struct RawConfig {
     pub output: RawOutput,
     /// `[log]`
     pub log: RawLog,
+    /// `[api]`
+    pub api: RawApi,
 }
 
 /// `[registry]` as written.
@@ -306,6 +308,43 @@ impl Default for RawLog {
     }
 }
 
+/// `[api]` as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawApi {
+    pub listen: String,
+    pub event_secret_file: String,
+    pub max_body_bytes: i64,
+    pub request_timeout: String,
+    pub ready_max_failing: String,
+}
+
+impl Default for RawApi {
+    fn default() -> Self {
+        RawApi {
+            listen: "0.0.0.0:8080".to_string(),
+            event_secret_file: String::new(),
+            max_body_bytes: 65536,
+            request_timeout: "10s".to_string(),
+            ready_max_failing: "15m".to_string(),
+        }
+    }
+}
+
+/// `[api]`, validated.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Where the HTTP API listens; `None` (`listen = ""`) turns it off.
+    pub listen: Option<std::net::SocketAddr>,
+    /// A file holding the shared secret `POST /events/registry` must present as
+    /// `Authorization: Bearer <secret>`; `None` accepts events without one.
+    pub event_secret_file: Option<PathBuf>,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    /// `/readyz` fails once cycles have failed for longer than this.
+    pub ready_max_failing: Duration,
+}
+
 /// The validated configuration the daemon runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -321,6 +360,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub output_dir: PathBuf,
     pub log: LogConfig,
+    pub api: ApiConfig,
 }
 
 /// Where and how to reach the registry, and what to watch in it.
@@ -791,8 +831,39 @@ impl Config {
             ));
         }
 
+        let a = &raw.api;
+        let listen = if a.listen.trim().is_empty() {
+            None
+        } else {
+            Some(a.listen.trim().parse().map_err(|e| {
+                ConfigError::key(
+                    o,
+                    "api.listen",
+                    format!(
+                        "{:?} is not ip:port ({e}), e.g. \"0.0.0.0:8080\"; \"\" turns the API off",
+                        a.listen
+                    ),
+                )
+            })?)
+        };
+        let event_secret_file = if a.event_secret_file.trim().is_empty() {
+            None
+        } else {
+            let file = PathBuf::from(a.event_secret_file.trim());
+            check_readable_file(o, "api.event_secret_file", &file)?;
+            Some(file)
+        };
+        let api = ApiConfig {
+            listen,
+            event_secret_file,
+            max_body_bytes: positive(o, "api.max_body_bytes", a.max_body_bytes, 16 * 1024 * 1024)?,
+            request_timeout: duration(o, "api.request_timeout", &a.request_timeout)?,
+            ready_max_failing: duration(o, "api.ready_max_failing", &a.ready_max_failing)?,
+        };
+
         Ok(Config {
             source: path.to_path_buf(),
+            api,
             registry,
             schedule: ScheduleConfig { cron },
             scanner,
@@ -820,6 +891,104 @@ impl Config {
             .to_string();
         toml::to_string_pretty(&raw).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
+
+    /// The running config after a reload from `new` (already validated): keys that can
+    /// change while running ([`RELOADABLE`]) come from `new`, every other key keeps its
+    /// running value. Returns that config, the keys applied and the keys that changed in
+    /// the file but need a restart.
+    pub fn reloaded(&self, new: &Config, env: &Environment) -> Result<Reload, ConfigError> {
+        let old = flatten(&self.raw);
+        let fresh = flatten(&new.raw);
+        let mut merged = self.raw_table();
+        let mut applied = Vec::new();
+        let mut restart = Vec::new();
+        let keys: std::collections::BTreeSet<&String> = old.keys().chain(fresh.keys()).collect();
+        for key in keys {
+            if old.get(key) == fresh.get(key) {
+                continue;
+            }
+            if !is_reloadable(key) {
+                restart.push(key.clone());
+                continue;
+            }
+            applied.push(key.clone());
+            let (section, name) = key.split_once('.').unwrap_or((key.as_str(), ""));
+            if let Some(toml::Value::Table(t)) = merged.get_mut(section) {
+                match fresh.get(key) {
+                    Some(v) => {
+                        t.insert(name.to_string(), v.clone());
+                    }
+                    None => {
+                        t.remove(name);
+                    }
+                }
+            }
+        }
+        let raw: RawConfig =
+            toml::Value::Table(merged)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: new.source.clone(),
+                    message: e.to_string(),
+                })?;
+        let config = Config::validate(&new.source, raw, env)?;
+        Ok(Reload {
+            config,
+            applied,
+            restart,
+        })
+    }
+
+    fn raw_table(&self) -> toml::Table {
+        toml::Value::try_from(&self.raw)
+            .ok()
+            .and_then(|v| v.as_table().cloned())
+            .unwrap_or_default()
+    }
+}
+
+/// Keys a running daemon applies on SIGHUP; a prefix ending in `.` covers a section.
+pub const RELOADABLE: &[&str] = &[
+    "schedule.",
+    "registry.",
+    "scanner.concurrency",
+    "rescan.",
+    "vulndb.update_cron",
+];
+
+fn is_reloadable(key: &str) -> bool {
+    RELOADABLE.iter().any(|r| {
+        if r.ends_with('.') {
+            key.starts_with(r)
+        } else {
+            key == *r
+        }
+    })
+}
+
+/// `section.key` → value.
+fn flatten(raw: &RawConfig) -> BTreeMap<String, toml::Value> {
+    let mut out = BTreeMap::new();
+    if let Ok(toml::Value::Table(sections)) = toml::Value::try_from(raw) {
+        for (section, value) in sections {
+            if let toml::Value::Table(keys) = value {
+                for (key, v) in keys {
+                    out.insert(format!("{section}.{key}"), v);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The outcome of [`Config::reloaded`].
+#[derive(Debug, Clone)]
+pub struct Reload {
+    pub config: Config,
+    /// Keys whose new value is now in effect.
+    pub applied: Vec<String>,
+    /// Keys that changed in the file but take effect only after a restart.
+    pub restart: Vec<String>,
 }
 
 fn check_readable_file(origin: &str, key: &str, path: &Path) -> Result<(), ConfigError> {
@@ -1088,6 +1257,54 @@ mod tests {
     }
 
     const MINIMAL: &str = "[registry]\nurl = \"http://127.0.0.1:5000\"\n[state]\ndir = \"/tmp/s\"\n[output]\ndir = \"/tmp/o\"\n";
+
+    #[test]
+    fn a_reload_applies_reloadable_keys_and_lists_the_rest() {
+        let running = load(MINIMAL, &[]).unwrap();
+        let text = format!(
+            "{MINIMAL}[schedule]\ncron = \"0 0 * * * *\"\n[scanner]\nconcurrency = 5\ntimeout = \"1m\"\n\
+             [log]\nlevel = \"debug\"\n[api]\nlisten = \"127.0.0.1:9\"\n"
+        )
+        .replace("[registry]\n", "[registry]\nexclude = [\"secret/**\"]\n");
+        let fresh = load(&text, &[]).unwrap();
+        let r = running.reloaded(&fresh, &Environment::default()).unwrap();
+        assert_eq!(
+            r.applied,
+            ["registry.exclude", "scanner.concurrency", "schedule.cron"]
+        );
+        assert_eq!(r.restart, ["api.listen", "log.level", "scanner.timeout"]);
+        assert_eq!(r.config.schedule.cron, "0 0 * * * *");
+        assert_eq!(r.config.scanner.concurrency, 5);
+        assert!(r.config.registry.exclude.matches("secret/x"));
+        // Not applied: the running values stay.
+        assert_eq!(r.config.scanner.timeout, running.scanner.timeout);
+        assert_eq!(r.config.log.level, "info");
+        assert_eq!(r.config.api.listen, running.api.listen);
+        // Nothing changed: nothing listed.
+        let same = running.reloaded(&running, &Environment::default()).unwrap();
+        assert!(same.applied.is_empty() && same.restart.is_empty());
+    }
+
+    #[test]
+    fn api_keys_are_validated() {
+        let d = load(MINIMAL, &[]).unwrap();
+        assert_eq!(d.api.listen, Some("0.0.0.0:8080".parse().unwrap()));
+        let off = load(&format!("{MINIMAL}[api]\nlisten = \"\"\n"), &[]).unwrap();
+        assert_eq!(off.api.listen, None);
+        for (text, key) in [
+            ("[api]\nlisten = \"localhost\"\n", "api.listen"),
+            ("[api]\nmax_body_bytes = 0\n", "api.max_body_bytes"),
+            ("[api]\nrequest_timeout = \"soon\"\n", "api.request_timeout"),
+            (
+                "[api]\nevent_secret_file = \"/nonexistent/secret\"\n",
+                "api.event_secret_file",
+            ),
+            ("[api]\nport = 1\n", "api"),
+        ] {
+            let e = load(&format!("{MINIMAL}{text}"), &[]).unwrap_err();
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
+    }
 
     #[test]
     fn minimal_config_gets_documented_defaults() {

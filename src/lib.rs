@@ -19,6 +19,9 @@
 //! | [`output`] | write-once result files under `output.dir` (a stage mount in SPCS) |
 //! | [`daemon`] | start-up recovery, cycles on a cron schedule, graceful stop |
 //! | [`shutdown`] | signals → one cancellation token; a second signal forces |
+//! | [`control`] | rescan requests (HTTP, SQL, signals, registry events), coalesced; running figures |
+//! | [`api`] | the HTTP API and status page (axum) |
+//! | [`client`] | `status` and `rescan` from the command line, over the API |
 //! | [`logging`] | text on a terminal, JSON lines otherwise |
 //! | [`report`] | a readable table of what the store knows |
 //! | [`commands`] | `report` and `db status/update/import` from the command line |
@@ -26,9 +29,13 @@
 //! Data flows one way: schedule tick → watcher pass → due digests → worker → result
 //! files → state. State is committed only after the file it refers to is complete.
 
+pub mod api;
 pub mod changes;
+pub mod client;
 pub mod commands;
 pub mod config;
+pub mod control;
+pub mod current;
 pub mod daemon;
 pub mod digest;
 pub mod logging;

@@ -9,9 +9,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use spcs_image_scanner::client::{self, RescanScope};
 use spcs_image_scanner::commands::{self, CommandError};
 use spcs_image_scanner::config::{Config, Environment};
-use spcs_image_scanner::daemon::Daemon;
+use spcs_image_scanner::daemon::{Daemon, STOP_DEADLINE};
 use spcs_image_scanner::scanner::error_chain;
 use spcs_image_scanner::{logging, shutdown};
 
@@ -49,6 +50,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask a running daemon what it knows (GET /status): a readable summary, or JSON.
+    Status {
+        /// The daemon's API, e.g. http://127.0.0.1:8080 (default: from api.listen).
+        #[arg(long, env = "SPCS_IMAGE_SCANNER_ENDPOINT")]
+        endpoint: Option<String>,
+        /// The whole /status document as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask a running daemon to rescan now (POST /rescan); returns at once with a request id.
+    #[command(group(clap::ArgGroup::new("scope").required(true).args(["all", "repository", "image"])))]
+    Rescan {
+        /// Every image.
+        #[arg(long)]
+        all: bool,
+        /// Every image tagged in this repository.
+        #[arg(long, value_name = "R")]
+        repository: Option<String>,
+        /// One image: repo:tag, repo@sha256:..., or a digest.
+        #[arg(long, value_name = "REF")]
+        image: Option<String>,
+        /// Scan even images already scanned with the current DB, with a fresh SBOM.
+        #[arg(long)]
+        force: bool,
+        /// The daemon's API (default: from api.listen).
+        #[arg(long, env = "SPCS_IMAGE_SCANNER_ENDPOINT")]
+        endpoint: Option<String>,
+    },
     /// The vulnerability DB (grype's, in vulndb.cache_dir).
     Db {
         #[command(subcommand)]
@@ -85,6 +114,52 @@ fn main() -> ExitCode {
             };
         }
     };
+    if let Command::Status { endpoint, .. } | Command::Rescan { endpoint, .. } = &cli.command {
+        // A client: the config only supplies the default endpoint.
+        let config = match endpoint {
+            Some(_) => None,
+            None => match Config::load(&cli.config, &Environment::from_process()) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    eprintln!("error: {}", error_chain(&e));
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            },
+        };
+        let url = match client::endpoint(endpoint.as_deref(), config.as_ref()) {
+            Ok(u) => u,
+            Err(e) => return finish(Err(e)),
+        };
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("error: cannot start the runtime: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        };
+        return finish(runtime.block_on(async {
+            match cli.command {
+                Command::Status { json, .. } => client::status(&url, json).await,
+                Command::Rescan {
+                    repository,
+                    image,
+                    force,
+                    ..
+                } => {
+                    let scope = match (repository, image) {
+                        (Some(r), _) => RescanScope::Repository(r),
+                        (_, Some(i)) => RescanScope::Image(i),
+                        _ => RescanScope::All,
+                    };
+                    client::rescan(&url, &scope, force).await
+                }
+                _ => Ok(String::new()),
+            }
+        }));
+    }
     let config = match Config::load(&cli.config, &Environment::from_process()) {
         Ok(c) => c,
         Err(e) => {
@@ -168,12 +243,26 @@ async fn async_main(command: Command, config: Config) -> ExitCode {
                 }
                 _ => ExitCode::from(EXIT_FAILURE),
             },
-            Command::CheckConfig | Command::Report { .. } | Command::Db { .. } => ExitCode::SUCCESS,
+            Command::CheckConfig
+            | Command::Report { .. }
+            | Command::Db { .. }
+            | Command::Status { .. }
+            | Command::Rescan { .. } => ExitCode::SUCCESS,
         }
+    };
+    // A graceful stop that overruns its deadline (SPCS kills the container 30 s after
+    // SIGTERM) ends the process anyway; running scanners were killed on cancellation.
+    let deadline = async {
+        root.cancelled().await;
+        tokio::time::sleep(STOP_DEADLINE).await;
     };
     tokio::select! {
         code = work => code,
         _ = forced => ExitCode::from(EXIT_FORCED),
+        _ = deadline => {
+            tracing::error!(deadline = ?STOP_DEADLINE, "graceful stop overran its deadline; exiting");
+            ExitCode::from(EXIT_FAILURE)
+        }
     }
 }
 

@@ -55,6 +55,10 @@ pub enum WatchError {
     Output(#[from] OutputError),
     #[error("stopped by shutdown")]
     Cancelled,
+    #[error(
+        "repository {0:?} is not watched (registry.repositories, image_repositories, include, exclude)"
+    )]
+    NotWatched(String),
 }
 
 /// One tag change, as written to `inventory/<timestamp>.json`.
@@ -194,6 +198,31 @@ impl Watcher {
             r = self.registry.list_repositories() => r.map_err(WatchError::Listing)?,
             _ = cancel.cancelled() => return Err(WatchError::Cancelled),
         };
+        self.pass_over(repositories, true, started, cancel).await
+    }
+
+    /// A pass over one repository (a registry event, an operator's rescan): the same
+    /// as a full pass for that repository, and nothing else is touched. A repository
+    /// the config does not watch is not listed.
+    pub async fn pass_repository(
+        &self,
+        repository: &str,
+        cancel: &CancellationToken,
+    ) -> Result<PassReport, WatchError> {
+        if !self.registry.watches(repository) {
+            return Err(WatchError::NotWatched(repository.to_string()));
+        }
+        self.pass_over(vec![repository.to_string()], false, Instant::now(), cancel)
+            .await
+    }
+
+    async fn pass_over(
+        &self,
+        repositories: Vec<String>,
+        full: bool,
+        started: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<PassReport, WatchError> {
         let breaker = Breaker::default();
         let concurrency = self.registry.config().concurrency;
         let observations: Vec<RepoObservation> = tokio::select! {
@@ -222,7 +251,7 @@ impl Watcher {
                 },
             )));
         }
-        let mut report = self.apply(repositories, observations, cancel).await?;
+        let mut report = self.apply(repositories, observations, full, cancel).await?;
         report.duration = started.elapsed();
         Ok(report)
     }
@@ -285,6 +314,7 @@ impl Watcher {
         &self,
         repositories: Vec<String>,
         mut observations: Vec<RepoObservation>,
+        full: bool,
         cancel: &CancellationToken,
     ) -> Result<PassReport, WatchError> {
         observations.sort_by(|a, b| a.repository.cmp(&b.repository));
@@ -435,9 +465,15 @@ impl Watcher {
             }
         }
 
-        // Repositories that disappeared from the listing lose their tags.
+        // Repositories that disappeared from the listing lose their tags (only a full
+        // pass lists them all).
         let listed: BTreeSet<&String> = repositories.iter().collect();
-        for repository in self.store.tagged_repositories()? {
+        let known = if full {
+            self.store.tagged_repositories()?
+        } else {
+            BTreeSet::new()
+        };
+        for repository in known {
             if listed.contains(&repository) {
                 continue;
             }

@@ -29,9 +29,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::changes::{ChangeRecord, diff, findings};
+use crate::current::Current;
 use crate::digest::Digest;
 use crate::output::{Output, OutputError, file_sha256};
-use crate::queue::{Job, JobKind};
+use crate::queue::{Job, JobKind, Lane};
 use crate::registry::RegistryClient;
 use crate::scanner::{ScanArtifacts, ScanError, Scanner, error_chain};
 use crate::state::{
@@ -104,7 +105,8 @@ pub enum WorkerError {
 pub struct Worker {
     pub store: Arc<Store>,
     pub scanner: Arc<Scanner>,
-    pub registry: Arc<RegistryClient>,
+    /// The registry client in use (a config reload replaces it).
+    pub registry: Arc<Current<RegistryClient>>,
     pub vulndb: Arc<VulnDb>,
     pub output: Output,
     pub sbom_cache: PathBuf,
@@ -128,7 +130,11 @@ impl Worker {
     /// Runs `job` and records the outcome; never panics, never stops the daemon.
     pub async fn run(&self, job: &Job, cancel: &CancellationToken) -> ScanOutcome {
         let result = match job.kind {
-            JobKind::Scan => self.try_scan(&job.digest, true, cancel).await,
+            // An operator's request runs whatever the retry back-off says.
+            JobKind::Scan => {
+                self.try_scan(&job.digest, job.lane != Lane::Manual, cancel)
+                    .await
+            }
             JobKind::Rematch => self.try_rematch(&job.digest, cancel).await,
         };
         match result {
@@ -178,7 +184,7 @@ impl Worker {
         self.put(&record).await?;
         info!(digest = %digest, repository, attempt = record.attempts, "scan started");
 
-        let credentials = match self.registry.credentials() {
+        let credentials = match self.registry.get().credentials() {
             Ok(c) => c,
             Err(e) => return self.fail(record, &error_chain(&e)).await,
         };

@@ -23,7 +23,7 @@
 pub mod auth;
 pub mod manifest;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -152,18 +152,36 @@ pub struct TagListing {
     pub truncated: bool,
 }
 
-/// Counters of requests made, for the cycle summary and metrics.
+/// Counters of requests made, for the cycle summary and metrics. Shared by every client
+/// built over the daemon's life (a config reload builds a new one).
 #[derive(Debug, Default)]
 pub struct RequestStats {
     pub total: AtomicU64,
     pub errors: AtomicU64,
     pub throttled: AtomicU64,
+    /// Requests by outcome: the HTTP status (`"200"`, `"404"` ...), `"timeout"` or
+    /// `"transport"` (no answer).
+    by_status: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
 impl RequestStats {
     /// Total requests so far.
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
+    }
+
+    /// Counts one answered (or unanswered) request.
+    pub fn record(&self, status: &str) {
+        let mut map = self.by_status.lock().unwrap_or_else(|e| e.into_inner());
+        *map.entry(status.to_string()).or_default() += 1;
+    }
+
+    /// Requests by outcome so far.
+    pub fn by_status(&self) -> BTreeMap<String, u64> {
+        self.by_status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -202,12 +220,20 @@ pub struct RegistryClient {
     oci: Mutex<Option<OciHandle>>,
     list_auth: Mutex<ListAuth>,
     permits: Semaphore,
-    stats: RequestStats,
+    stats: Arc<RequestStats>,
 }
 
 impl RegistryClient {
     /// Builds the client; sends nothing yet.
     pub fn new(cfg: RegistryConfig) -> Result<Self, RegistryError> {
+        Self::with_stats(cfg, Arc::default())
+    }
+
+    /// Builds the client counting into `stats` (kept across config reloads).
+    pub fn with_stats(
+        cfg: RegistryConfig,
+        stats: Arc<RequestStats>,
+    ) -> Result<Self, RegistryError> {
         // reqwest and oci-client are built without a default TLS crypto provider (ring is
         // much cheaper to build than aws-lc); install it once. An error only means it is
         // already installed.
@@ -237,7 +263,7 @@ impl RegistryClient {
                 tokens: HashMap::new(),
                 challenged_scopes: HashMap::new(),
             }),
-            stats: RequestStats::default(),
+            stats,
         })
     }
 
@@ -247,7 +273,7 @@ impl RegistryClient {
     }
 
     /// Request counters.
-    pub fn stats(&self) -> &RequestStats {
+    pub fn stats(&self) -> &Arc<RequestStats> {
         &self.stats
     }
 
@@ -309,6 +335,23 @@ impl RegistryClient {
         names.sort();
         names.dedup();
         Ok(names)
+    }
+
+    /// True when the config watches `repository`: a valid name, in
+    /// `registry.repositories` or under an `image_repositories` entry when those are
+    /// set, and passing `include`/`exclude`.
+    pub fn watches(&self, repository: &str) -> bool {
+        let cfg = &self.cfg;
+        is_valid_repository_name(repository)
+            && (cfg.repositories.is_empty() || cfg.repositories.iter().any(|r| r == repository))
+            && (cfg.image_repositories.is_empty()
+                || cfg.image_repositories.iter().any(|ir| {
+                    repository
+                        .strip_prefix(ir.as_str())
+                        .is_some_and(|rest| rest.starts_with('/'))
+                }))
+            && cfg.include.matches(repository)
+            && !cfg.exclude.matches(repository)
     }
 
     /// Tags of `repository` that pass `tags_include`/`tags_exclude`, at most
@@ -501,9 +544,13 @@ impl RegistryClient {
                 tokio::time::timeout(self.cfg.request_timeout, call(client, auth)).await
             };
             let err = match outcome {
-                Ok(Ok(v)) => return Ok(v),
+                Ok(Ok(v)) => {
+                    self.stats.record("200");
+                    return Ok(v);
+                }
                 Ok(Err(e)) => e,
                 Err(_) => {
+                    self.stats.record("timeout");
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
                     if attempt < self.cfg.max_retries {
                         attempt += 1;
@@ -519,7 +566,16 @@ impl RegistryClient {
                 }
             };
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
-            match classify_oci_error(err) {
+            let failure = classify_oci_error(err);
+            self.stats.record(&match &failure {
+                OciFailure::Unauthorized => "401".to_string(),
+                OciFailure::NotFound => "404".to_string(),
+                OciFailure::Retryable(Some(code), _) => code.to_string(),
+                OciFailure::Retryable(None, _) => "transport".to_string(),
+                OciFailure::Status(code) => code.to_string(),
+                OciFailure::Invalid(_) => "invalid".to_string(),
+            });
+            match failure {
                 OciFailure::Unauthorized if !refreshed => {
                     debug!(method, path, "401 from registry; reading credentials again");
                     refreshed = true;
@@ -695,6 +751,7 @@ impl RegistryClient {
                 match request.send().await {
                     Ok(response) => {
                         let status = response.status();
+                        self.stats.record(status.as_str());
                         let headers = response.headers().clone();
                         if status == StatusCode::OK && method != reqwest::Method::HEAD {
                             read_limited(response, body_limit)
@@ -717,6 +774,11 @@ impl RegistryClient {
                     ));
                 }
                 Err(ReadError::Http(e)) => {
+                    self.stats.record(if e.is_timeout() {
+                        "timeout"
+                    } else {
+                        "transport"
+                    });
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
                     if attempt < self.cfg.max_retries {
                         attempt += 1;
@@ -897,12 +959,16 @@ impl RegistryClient {
             .await
             .map_err(|_| self.invalid("GET", &path, "client closed".into()))?;
         self.stats.total.fetch_add(1, Ordering::Relaxed);
-        let response = request.send().await.map_err(|e| RegistryError::Transport {
-            host: self.cfg.host.clone(),
-            method: "GET",
-            path: path.clone(),
-            source: Box::new(e),
+        let response = request.send().await.map_err(|e| {
+            self.stats.record("transport");
+            RegistryError::Transport {
+                host: self.cfg.host.clone(),
+                method: "GET",
+                path: path.clone(),
+                source: Box::new(e),
+            }
         })?;
+        self.stats.record(response.status().as_str());
         match response.status() {
             StatusCode::OK => {}
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {

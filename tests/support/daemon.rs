@@ -55,6 +55,7 @@ pub struct Scanner {
     pub dir: tempfile::TempDir,
     pub registry_url: String,
     pub auth: Auth,
+    pub syft: PathBuf,
     pub grype: Option<PathBuf>,
     pub cron: String,
     pub concurrency: usize,
@@ -62,6 +63,10 @@ pub struct Scanner {
     pub vulndb: String,
     /// Lines of the `[rescan]` section.
     pub rescan: String,
+    /// The API's loopback port (a free one, picked at creation).
+    pub api_port: u16,
+    /// More lines of the `[api]` section.
+    pub api: String,
     pub extra: String,
 }
 
@@ -105,11 +110,14 @@ impl Scanner {
             dir: tempfile::tempdir().expect("temp dir"),
             registry_url: registry_url.to_string(),
             auth: Auth::None,
+            syft: syft(),
             grype: Some(grype()),
             cron: "0 0 0 1 1 *".to_string(),
             concurrency: 2,
             vulndb: "update_cron = \"\"".to_string(),
             rescan: String::new(),
+            api_port: free_port(),
+            api: String::new(),
             extra: String::new(),
         };
         if using_standin() {
@@ -120,6 +128,11 @@ impl Scanner {
             DbBuild::from_fixture(&built).write_db_dir(&scanner.db_dir(), "test-seed");
         }
         scanner
+    }
+
+    /// The daemon's API base URL (no trailing slash).
+    pub fn api_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api_port)
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -186,14 +199,17 @@ impl Scanner {
              [schedule]\ncron = {cron:?}\n\
              [scanner]\nsyft = {syft:?}\ngrype = {grype:?}\nconcurrency = {concurrency}\ntimeout = \"120s\"\nretry_initial = \"1s\"\nretry_max = \"2s\"\n\
              [vulndb]\ncache_dir = {db:?}\n{vulndb}\n[rescan]\n{rescan}\n\
-             [state]\ndir = {state:?}\n[output]\ndir = {output:?}\n[log]\nformat = \"json\"\nlevel = \"info\"\n{extra}",
+             [state]\ndir = {state:?}\n[output]\ndir = {output:?}\n[log]\nformat = \"json\"\nlevel = \"info\"\n\
+             [api]\nlisten = \"127.0.0.1:{port}\"\n{api}\n{extra}",
+            port = self.api_port,
+            api = self.api,
             url = self.registry_url,
             cron = self.cron,
             concurrency = self.concurrency,
             db = self.db_dir().display().to_string(),
             vulndb = self.vulndb,
             rescan = self.rescan,
-            syft = syft().display().to_string(),
+            syft = self.syft.display().to_string(),
             state = self.state_dir().display().to_string(),
             output = self.output_dir().display().to_string(),
             extra = self.extra,
@@ -455,6 +471,14 @@ impl Drop for RunningDaemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A loopback port free right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// Waits (bounded) until `path` exists.

@@ -94,6 +94,9 @@ pub struct RegistryOptions {
     pub auth: RegistryAuth,
     /// Realm announced in `WWW-Authenticate` when auth is enabled.
     pub realm: String,
+    /// Where the registry sends its event notifications (URL, and the bearer secret
+    /// it sends in `Authorization`).
+    pub notify: Option<(String, Option<String>)>,
 }
 
 impl Default for RegistryOptions {
@@ -108,6 +111,7 @@ impl RegistryOptions {
         Self {
             auth: RegistryAuth::Anonymous,
             realm: "spcs-test-registry".to_string(),
+            notify: None,
         }
     }
 
@@ -119,7 +123,15 @@ impl RegistryOptions {
                 password: password.to_string(),
             },
             realm: "spcs-test-registry".to_string(),
+            notify: None,
         }
+    }
+
+    /// The registry also sends its push (and pull) notifications to `url`, with
+    /// `Authorization: Bearer <secret>` when a secret is given.
+    pub fn notifying(mut self, url: &str, secret: Option<&str>) -> Self {
+        self.notify = Some((url.to_string(), secret.map(str::to_string)));
+        self
     }
 }
 
@@ -486,13 +498,26 @@ impl TestRegistry {
                 self.htpasswd_path().display().to_string()
             ),
         };
+        let notifications = match &self.options.notify {
+            None => String::new(),
+            Some((url, secret)) => {
+                let headers = secret
+                    .as_ref()
+                    .map(|s| format!("      headers:\n        Authorization: [\"Bearer {s}\"]\n"))
+                    .unwrap_or_default();
+                format!(
+                    "notifications:\n  endpoints:\n    - name: scanner\n      url: {url:?}\n{headers}\
+                     \x20     timeout: 2s\n      threshold: 5\n      backoff: 1s\n"
+                )
+            }
+        };
         let config = format!(
             "version: 0.1\n\
              log:\n  level: info\n  accesslog:\n    disabled: false\n\
              storage:\n  filesystem:\n    rootdirectory: {root:?}\n  delete:\n    enabled: true\n\
              \x20 maintenance:\n    uploadpurging:\n      enabled: false\n\
              http:\n  addr: 127.0.0.1:{port}\n  secret: spcs-image-scanner-test-secret\n\
-             {auth}",
+             {auth}{notifications}",
             root = self.storage_root().display().to_string(),
             port = self.port,
         );
