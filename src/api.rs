@@ -112,6 +112,19 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The store failed under a request.
+fn internal(e: &crate::state::StateError) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        None,
+        crate::scanner::error_chain(e),
+    )
+}
+
+fn all_images(h: &Handles) -> Result<Vec<ImageRecord>, ApiError> {
+    h.store.all_images().map_err(|e| internal(&e))
+}
+
 fn error(status: StatusCode, field: Option<&str>, message: impl Into<String>) -> Response {
     ApiError::new(status, field, message).into_response()
 }
@@ -255,15 +268,9 @@ async fn db_json(h: &Handles) -> Value {
 
 async fn status(State(h): State<Handles>) -> Response {
     let config = h.config.get();
-    let images = match h.store.all_images() {
+    let images = match all_images(&h) {
         Ok(i) => i,
-        Err(e) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                None,
-                crate::scanner::error_chain(&e),
-            );
-        }
+        Err(e) => return e.into_response(),
     };
     let mut by_status: BTreeMap<&str, usize> = BTreeMap::new();
     let mut by_repository: BTreeMap<String, BTreeMap<&str, usize>> = BTreeMap::new();
@@ -401,15 +408,9 @@ async fn images(
             }
         },
     };
-    let mut all = match h.store.all_images() {
+    let mut all = match all_images(&h) {
         Ok(i) => i,
-        Err(e) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                None,
-                crate::scanner::error_chain(&e),
-            );
-        }
+        Err(e) => return e.into_response(),
     };
     all.retain(|i| {
         want_status.is_none_or(|s| i.status == s)
@@ -440,13 +441,7 @@ async fn image(State(h): State<Handles>, Path(digest): Path<String>) -> Response
                 .and_then(|c| h.store.get_image(&c).ok().flatten()),
             _ => None,
         },
-        Err(e) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                None,
-                crate::scanner::error_chain(&e),
-            );
-        }
+        Err(e) => return internal(&e).into_response(),
     };
     match found {
         Some(i) => axum::Json(image_json(&i)).into_response(),
@@ -955,15 +950,9 @@ fn age_text(seconds: i64) -> String {
 
 /// The status page: server-rendered, no script, no external asset.
 async fn page(State(h): State<Handles>) -> Response {
-    let mut images = match h.store.all_images() {
+    let mut images = match all_images(&h) {
         Ok(i) => i,
-        Err(e) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                None,
-                crate::scanner::error_chain(&e),
-            );
-        }
+        Err(e) => return e.into_response(),
     };
     // Worst first: most critical, then high, then by digest.
     let sev = |i: &ImageRecord, s: &str| {

@@ -130,15 +130,9 @@ fn main() -> ExitCode {
             Ok(u) => u,
             Err(e) => return finish(Err(e)),
         };
-        let runtime = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
+        let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
             Ok(rt) => rt,
-            Err(e) => {
-                eprintln!("error: cannot start the runtime: {e}");
-                return ExitCode::from(EXIT_FAILURE);
-            }
+            Err(code) => return code,
         };
         return finish(runtime.block_on(async {
             match cli.command {
@@ -176,15 +170,9 @@ fn main() -> ExitCode {
         return finish(commands::report(&config, json));
     }
     logging::init(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+        Err(code) => return code,
     };
     if let Command::Db { command } = cli.command {
         return runtime.block_on(async {
@@ -264,6 +252,13 @@ async fn async_main(command: Command, config: Config) -> ExitCode {
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("error: cannot start the runtime: {e}");
+        ExitCode::from(EXIT_FAILURE)
+    })
 }
 
 fn finish(result: Result<String, CommandError>) -> ExitCode {

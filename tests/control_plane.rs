@@ -14,7 +14,9 @@ use futures::StreamExt as _;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use spcs_image_scanner::state::ImageStatus;
-use support::daemon::{Auth, RunningDaemon, Scanner, using_standin, wait_for_file, wrapper_script};
+use support::daemon::{
+    Auth, RunningDaemon, Scanner, hanging_wrapper, using_standin, wait_for_file, wrapper_script,
+};
 use support::oci::{DebianImage, ManifestFormat, PushedManifest, Pusher};
 use support::registry::{RegistryOptions, TestRegistry};
 
@@ -67,6 +69,19 @@ async fn wait_api(api: &str, daemon: &mut RunningDaemon) {
     }
 }
 
+/// Starts the daemon; returns once its first cycle scanned `scanned` images and the API
+/// answers.
+async fn start(scanner: &Scanner, scanned: u64) -> RunningDaemon {
+    let mut daemon = scanner.spawn_run();
+    daemon
+        .wait_for("cycle finished", 1, Duration::from_secs(180), |e| {
+            e["scanned"] == scanned
+        })
+        .await;
+    wait_api(&scanner.api_url(), &mut daemon).await;
+    daemon
+}
+
 /// Waits (bounded) until a rescan request has ended; returns it.
 async fn wait_request(api: &str, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -104,6 +119,15 @@ async fn push(pusher: &Pusher, repo: &str, tag: &str, marker: &[u8]) -> PushedMa
         .expect("push image")
 }
 
+/// A registry holding `repository:1`, and a scanner set up for it.
+async fn one_image(repository: &str) -> (TestRegistry, PushedManifest, Scanner) {
+    let registry = TestRegistry::start_anonymous().await;
+    let pusher = Pusher::new(&registry.url(), None);
+    let image = push(&pusher, repository, "1", repository.as_bytes()).await;
+    let scanner = Scanner::new(&registry.url());
+    (registry, image, scanner)
+}
+
 fn cli(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_spcs-image-scanner"))
         .args(args)
@@ -124,15 +148,9 @@ async fn api_endpoints_cli_metrics_and_status_page() {
         username: "ci".into(),
         password: PASSWORD.into(),
     };
-    scanner.api = "max_body_bytes = 4096".into();
+    scanner.api = "max_body_bytes = 4096\nrequest_timeout = \"2s\"".into();
     let api = scanner.api_url();
-    let mut daemon = scanner.spawn_run();
-    daemon
-        .wait_for("cycle finished", 1, Duration::from_secs(180), |e| {
-            e["scanned"] == 2
-        })
-        .await;
-    wait_api(&api, &mut daemon).await;
+    let mut daemon = start(&scanner, 2).await;
 
     // Health and readiness.
     assert_eq!(
@@ -234,6 +252,8 @@ async fn api_endpoints_cli_metrics_and_status_page() {
     assert_eq!(code, 413, "body over api.max_body_bytes");
     let (code, _) = get(&rescan).await;
     assert_eq!(code, 405);
+    // A client that never finishes its body gets 408 after api.request_timeout.
+    assert_eq!(stalled_request(scanner.api_port).await, 408);
     let (code, _) = get_json(&format!("{api}/rescan/no-such-request")).await;
     assert_eq!(code, 404);
 
@@ -422,6 +442,29 @@ async fn api_endpoints_cli_metrics_and_status_page() {
     assert_eq!(out.status.code(), Some(1), "no daemon: a runtime error");
 }
 
+/// Sends a request whose body never comes; returns the status the server answers with
+/// (bounded wait).
+async fn stalled_request(port: u16) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"POST /rescan HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf))
+        .await
+        .expect("an answer within 20 s")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("{head}"))
+}
+
 /// Processes of group `pgid` that are not zombies, from /proc.
 fn live_in_group(pgid: i32) -> Vec<i32> {
     let mut out = Vec::new();
@@ -587,13 +630,7 @@ async fn sighup_applies_a_good_config_keeps_a_broken_one_out_and_sigusr1_rescans
     let b = push(&pusher, "demo/b", "1", b"b").await;
     let mut scanner = Scanner::new(&registry.url());
     let api = scanner.api_url();
-    let mut daemon = scanner.spawn_run();
-    daemon
-        .wait_for("cycle finished", 1, Duration::from_secs(180), |e| {
-            e["scanned"] == 2
-        })
-        .await;
-    wait_api(&api, &mut daemon).await;
+    let mut daemon = start(&scanner, 2).await;
 
     // A broken config: the reload fails, the daemon runs on with the old one.
     scanner.concurrency = 0;
@@ -704,27 +741,13 @@ async fn sighup_applies_a_good_config_keeps_a_broken_one_out_and_sigusr1_rescans
 #[tokio::test]
 async fn sigterm_during_a_scan_stops_in_time_leaves_no_scanner_and_the_digest_is_scanned_after_restart()
  {
-    let registry = TestRegistry::start_anonymous().await;
-    let pusher = Pusher::new(&registry.url(), None);
-    let image = push(&pusher, "demo/slow", "1", b"slow").await;
-    let mut scanner = Scanner::new(&registry.url());
-    let started = scanner.dir.path().join("syft-started");
-    let pidfile = scanner.dir.path().join("syft.pid");
+    let (_registry, image, mut scanner) = one_image("demo/slow").await;
     // syft that announces its process group, then hangs with a child of its own.
-    let hangs = wrapper_script(
-        scanner.dir.path(),
-        "syft-hangs",
-        &format!(
-            "echo $$ > {:?}; touch {:?}; sleep 300",
-            pidfile.display().to_string(),
-            started.display().to_string()
-        ),
-        &support::daemon::syft(),
-    );
-    scanner.syft = hangs;
+    let hangs = hanging_wrapper(scanner.dir.path(), "syft-hangs", &support::daemon::syft());
+    scanner.syft = hangs.script.clone();
     let mut daemon = scanner.spawn_run();
-    wait_for_file(&started, Duration::from_secs(120)).await;
-    let pgid: i32 = std::fs::read_to_string(&pidfile)
+    wait_for_file(&hangs.started, Duration::from_secs(120)).await;
+    let pgid: i32 = std::fs::read_to_string(&hangs.pidfile)
         .unwrap()
         .trim()
         .parse()
@@ -771,10 +794,7 @@ async fn sigterm_during_a_scan_stops_in_time_leaves_no_scanner_and_the_digest_is
 
 #[tokio::test]
 async fn a_burst_of_1000_rescans_for_one_image_queues_one_job_and_the_api_stays_responsive() {
-    let registry = TestRegistry::start_anonymous().await;
-    let pusher = Pusher::new(&registry.url(), None);
-    let image = push(&pusher, "demo/burst", "1", b"burst").await;
-    let mut scanner = Scanner::new(&registry.url());
+    let (_registry, image, mut scanner) = one_image("demo/burst").await;
     let gate = scanner.dir.path().join("gate");
     let started = scanner.dir.path().join("grype-started");
     let release = scanner.dir.path().join("grype-release");
@@ -792,13 +812,7 @@ async fn a_burst_of_1000_rescans_for_one_image_queues_one_job_and_the_api_stays_
     );
     scanner.grype = Some(gated);
     let api = scanner.api_url();
-    let mut daemon = scanner.spawn_run();
-    daemon
-        .wait_for("cycle finished", 1, Duration::from_secs(180), |e| {
-            e["scanned"] == 1
-        })
-        .await;
-    wait_api(&api, &mut daemon).await;
+    let mut daemon = start(&scanner, 1).await;
     std::fs::write(&gate, b"").unwrap();
 
     let client = http();
@@ -852,4 +866,100 @@ async fn a_burst_of_1000_rescans_for_one_image_queues_one_job_and_the_api_stays_
     assert_eq!(scanner.result_files()[&hex(&image.digest)].len(), 2);
     daemon.signal(Signal::SIGTERM);
     assert_eq!(daemon.wait_exit(Duration::from_secs(30)).await, Some(0));
+}
+
+#[tokio::test]
+async fn readyz_fails_without_a_usable_db_and_when_cycles_keep_failing() {
+    // Nothing listens on the registry port: every cycle fails at once.
+    let down = format!("http://127.0.0.1:{}", support::daemon::free_port());
+    let mut scanner = Scanner::new(&down);
+    scanner.cron = "* * * * * *".into();
+    scanner.api = "ready_max_failing = \"2s\"".into();
+    let api = scanner.api_url();
+    let mut daemon = scanner.spawn_run();
+    wait_api(&api, &mut daemon).await;
+    // The first failed cycle: not ready only once failing for longer than 2 s.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (code, ready) = loop {
+        let (code, ready) = get_json(&format!("{api}/readyz")).await;
+        if ready["checks"]["cycles"] != "ok" {
+            break (code, ready);
+        }
+        assert!(Instant::now() < deadline, "no failed cycle: {ready}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(
+        code, 200,
+        "failing for less than ready_max_failing: {ready}"
+    );
+    assert!(
+        ready["checks"]["cycles"]
+            .as_str()
+            .unwrap()
+            .contains("within"),
+        "{ready}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ready = loop {
+        let (code, ready) = get_json(&format!("{api}/readyz")).await;
+        if code == 503 {
+            break ready;
+        }
+        assert!(Instant::now() < deadline, "still ready: {ready}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(ready["ready"], false);
+    assert!(
+        ready["checks"]["cycles"]
+            .as_str()
+            .unwrap()
+            .contains("ready_max_failing"),
+        "{ready}"
+    );
+    assert_eq!(ready["checks"]["vulndb"], "ok");
+    assert_eq!(
+        get(&format!("{api}/healthz")).await.0,
+        200,
+        "alive all the same"
+    );
+    let (_, status) = get_json(&format!("{api}/status")).await;
+    assert_eq!(status["last_cycle"]["ok"], false);
+    assert!(
+        status["recent_failures"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("127.0.0.1"),
+        "{status}"
+    );
+    daemon.signal(Signal::SIGTERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(30)).await, Some(0));
+
+    // No DB at all: not ready, and the check says how to get one.
+    if using_standin() {
+        scanner.remove_db();
+        scanner.cron = "0 0 0 1 1 *".into();
+        let mut daemon = scanner.spawn_run();
+        // After start-up has read the DB status (the first cycle follows it).
+        daemon
+            .wait_for(
+                "cycle failed; will try again at the next tick",
+                1,
+                Duration::from_secs(60),
+                |_| true,
+            )
+            .await;
+        wait_api(&api, &mut daemon).await;
+        let (code, ready) = get_json(&format!("{api}/readyz")).await;
+        assert_eq!(code, 503, "{ready}");
+        assert!(
+            ready["checks"]["vulndb"]
+                .as_str()
+                .unwrap()
+                .contains("db import"),
+            "{ready}"
+        );
+        assert_eq!(ready["checks"]["store"], "ok");
+        daemon.signal(Signal::SIGTERM);
+        assert_eq!(daemon.wait_exit(Duration::from_secs(30)).await, Some(0));
+    }
 }

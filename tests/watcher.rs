@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use spcs_image_scanner::state::ImageStatus;
-use support::daemon::{Auth, Scanner, using_standin, wait_for_file, wrapper_script};
+use support::daemon::{
+    Auth, Scanner, hanging_wrapper, using_standin, wait_for_file, wrapper_script,
+};
 use support::oci::{DebianImage, ManifestFormat, PushedManifest, Pusher};
 use support::registry::{LoggedRequest, RegistryOptions, TestRegistry};
 
@@ -435,23 +437,12 @@ async fn kill_9_during_a_scan_rescans_after_restart_without_partial_or_duplicate
     let (registry, _pusher, a) =
         registry_with_image(RegistryOptions::anonymous(), "demo/only").await;
     let mut scanner = Scanner::new(&registry.url());
-    let marker = scanner.dir.path().join("grype-started");
-    let pidfile = scanner.dir.path().join("grype.pid");
     // grype that announces itself, then hangs: the daemon is killed while it runs.
-    let slow = wrapper_script(
-        scanner.dir.path(),
-        "grype-hangs",
-        &format!(
-            "echo $$ > {:?}; touch {:?}; sleep 300",
-            pidfile.display().to_string(),
-            marker.display().to_string()
-        ),
-        &support::daemon::grype(),
-    );
-    scanner.grype = Some(slow);
+    let slow = hanging_wrapper(scanner.dir.path(), "grype-hangs", &support::daemon::grype());
+    scanner.grype = Some(slow.script);
     let mut daemon = scanner.spawn_run();
-    wait_for_file(&marker, Duration::from_secs(120)).await;
-    daemon.crash(&pidfile).await;
+    wait_for_file(&slow.started, Duration::from_secs(120)).await;
+    daemon.crash(&slow.pidfile).await;
 
     assert_eq!(
         scanner.image(&a.digest).unwrap().status,

@@ -508,3 +508,35 @@ pub fn wrapper_script(dir: &Path, name: &str, before: &str, target: &Path) -> Pa
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod wrapper");
     path
 }
+
+/// A scanner wrapper that hangs, and where to see it.
+pub struct Hanging {
+    pub script: PathBuf,
+    /// Created when a scan has started.
+    pub started: PathBuf,
+    /// The wrapper's pid: its process group (the daemon starts each scanner as a group
+    /// leader).
+    pub pidfile: PathBuf,
+}
+
+/// A wrapper around `target` that, for scans, records its pid, announces itself, then
+/// hangs in a `sleep 300` child of its own.
+pub fn hanging_wrapper(dir: &Path, name: &str, target: &Path) -> Hanging {
+    let started = dir.join(format!("{name}.started"));
+    let pidfile = dir.join(format!("{name}.pid"));
+    let script = wrapper_script(
+        dir,
+        name,
+        &format!(
+            "echo $$ > {:?}; touch {:?}; sleep 300",
+            pidfile.display().to_string(),
+            started.display().to_string()
+        ),
+        target,
+    );
+    Hanging {
+        script,
+        started,
+        pidfile,
+    }
+}
