@@ -8,11 +8,14 @@
 --    own volume fresh (vulndb.update_cron); re-run this only to refresh the seed for new
 --    services, or to restore a volume with ALTER SERVICE ... RESTORE VOLUME.
 --
--- Variables (snow sql -D): db, schema, compute_pool, eai (an external access integration
--- allowing grype.anchore.io:443), image (the scanner image path), spec_stage (a stage
--- holding spec/db-seed-job.yaml).
+--   snow sql -f sql/40_vulndb_seed.sql -D db=sec_db -D schema=scan -D owner_role=scanner_owner \
+--     -D compute_pool=scan_pool -D image=/sec_db/scan/scanner_images/spcs-image-scanner:0.1.0
+--
+-- Needs the image in scanner_images and spec/db-seed-job.yaml on @scanner_app/specs/.
+-- The job reaches grype.anchore.io:443 through GRYPE_DB_EAI (sql/10_setup.sql).
 -- Idempotent: the procedure replaces its job and the seed snapshot.
 
+USE ROLE <% owner_role %>;
 USE SCHEMA <% db %>.<% schema %>;
 
 CREATE OR REPLACE PROCEDURE refresh_grype_db_seed()
@@ -26,9 +29,9 @@ BEGIN
   EXECUTE JOB SERVICE
     IN COMPUTE POOL <% compute_pool %>
     NAME = grype_db_seed_job
-    EXTERNAL_ACCESS_INTEGRATIONS = (<% eai %>)
-    FROM @<% spec_stage %>
-    SPECIFICATION_TEMPLATE_FILE = 'db-seed-job.yaml'
+    EXTERNAL_ACCESS_INTEGRATIONS = (GRYPE_DB_EAI)
+    FROM @scanner_app
+    SPECIFICATION_TEMPLATE_FILE = 'specs/db-seed-job.yaml'
     USING (image => '"<% image %>"');
   -- The job ran synchronously and succeeded (a failure raises): snapshot its volume.
   CREATE OR REPLACE SNAPSHOT grype_db_seed

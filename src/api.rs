@@ -36,6 +36,13 @@ use crate::digest::Digest;
 use crate::state::{ImageRecord, ImageStatus};
 use crate::vulndb::Readiness;
 
+/// The readiness probe's path (`spec/service.yaml` points SPCS at it).
+pub const READYZ_PATH: &str = "/readyz";
+/// The service function's path (`sql/` binds `scanner_rescan()` to it).
+pub const FUNCTION_RESCAN_PATH: &str = "/functions/rescan";
+/// Where registries send their notifications.
+pub const REGISTRY_EVENTS_PATH: &str = "/events/registry";
+
 /// Severities in display order (grype's names).
 pub const SEVERITIES: [&str; 6] = ["Critical", "High", "Medium", "Low", "Negligible", "Unknown"];
 
@@ -67,15 +74,15 @@ pub fn router(handles: Handles) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route(READYZ_PATH, get(readyz))
         .route("/status", get(status))
         .route("/images", get(images))
         .route("/images/{digest}", get(image))
         .route("/metrics", get(metrics))
         .route("/rescan", post(rescan))
         .route("/rescan/{id}", get(rescan_request))
-        .route("/functions/rescan", post(function_rescan))
-        .route("/events/registry", post(registry_events))
+        .route(FUNCTION_RESCAN_PATH, post(function_rescan))
+        .route(REGISTRY_EVENTS_PATH, post(registry_events))
         .fallback(|| async { error(StatusCode::NOT_FOUND, None, "no such endpoint") })
         .layer(DefaultBodyLimit::max(config.api.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(
