@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::digest::Digest;
 use crate::registry::auth::Credentials;
 use crate::vulndb::{Readiness, VulnDb};
-use process::{Invocation, ProcessError, readable_tail};
+use process::{Invocation, ProcessError, readable_tail, readable_tail_redacted};
 use report::{GrypeSummary, ReportError, SbomSummary};
 
 /// Variables passed through from the daemon's environment to the scanners: what they
@@ -362,13 +362,15 @@ impl Scanner {
         }
         let code = done.status.code().unwrap_or(-1);
         if code != 0 {
-            let mut stderr = readable_tail(&done.stderr, STDERR_IN_ERROR);
+            // A scanner should never echo the password; if it does, it stops here,
+            // before the text is cut (a cut could leave part of it).
+            let mut stderr = readable_tail_redacted(
+                &done.stderr,
+                STDERR_IN_ERROR,
+                credentials.map(|c| c.password.expose()),
+            );
             if stderr.is_empty() {
                 stderr = "(no stderr)".to_string();
-            }
-            // A scanner should never echo the password; if it does, it stops here.
-            if let Some(c) = credentials {
-                stderr = stderr.replace(c.password.expose(), "[redacted]");
             }
             return Err(ScanError::Exit { tool, code, stderr });
         }

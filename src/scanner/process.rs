@@ -234,7 +234,27 @@ async fn capture<R: AsyncRead + Unpin>(stream: Option<R>) -> Captured {
 /// their errors even when not on a terminal), whitespace trimmed, at most `max` chars
 /// from the end.
 pub fn readable_tail(captured: &Captured, max: usize) -> String {
-    let text = String::from_utf8_lossy(&captured.tail);
+    readable_tail_redacted(captured, max, None)
+}
+
+/// [`readable_tail`] with every occurrence of `secret` replaced by `[redacted]` before
+/// anything is cut, so no cut can leave part of it behind. A capture that lost its
+/// beginning may start with the end of the secret: that fragment goes too.
+pub fn readable_tail_redacted(captured: &Captured, max: usize, secret: Option<&str>) -> String {
+    let mut text = String::from_utf8_lossy(&captured.tail).into_owned();
+    if let Some(secret) = secret.filter(|s| !s.is_empty()) {
+        text = text.replace(secret, REDACTED);
+        if captured.truncated() {
+            let fragment = secret
+                .char_indices()
+                .skip(1)
+                .map(|(i, _)| &secret[i..])
+                .find(|suffix| text.starts_with(suffix));
+            if let Some(fragment) = fragment {
+                text = format!("{REDACTED}{}", &text[fragment.len()..]);
+            }
+        }
+    }
     let mut clean = String::with_capacity(text.len());
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
@@ -260,6 +280,9 @@ pub fn readable_tail(captured: &Captured, max: usize) -> String {
         format!("…{}", trimmed.chars().skip(skip).collect::<String>())
     }
 }
+
+/// What a secret is replaced with.
+const REDACTED: &str = "[redacted]";
 
 #[cfg(test)]
 mod tests {
@@ -385,5 +408,36 @@ mod tests {
         };
         assert_eq!(readable_tail(&c, 100), "[0000] ERROR could not fetch image");
         assert_eq!(readable_tail(&c, 5), "…image");
+    }
+
+    #[test]
+    fn a_secret_is_redacted_before_the_text_is_cut_and_a_cut_off_fragment_goes_too() {
+        let secret = "s3cr3t-t0ken-value";
+        // The secret straddles the 20-character cut: redacting after the cut would
+        // leave "t0ken-value" behind.
+        let text = format!("login as user:{secret} failed");
+        let c = Captured {
+            tail: text.clone().into_bytes(),
+            total: text.len() as u64,
+        };
+        let out = readable_tail_redacted(&c, 20, Some(secret));
+        assert!(!out.contains("t0ken") && !out.contains("value f"), "{out}");
+        assert!(out.ends_with("[redacted] failed"), "{out}");
+        // The capture kept only the end of the stream, which begins inside the secret.
+        let c = Captured {
+            tail: b"en-value failed again".to_vec(),
+            total: 10_000,
+        };
+        let out = readable_tail_redacted(&c, 100, Some(secret));
+        assert_eq!(out, "[redacted] failed again");
+        // Not truncated: nothing at the start is taken for a fragment.
+        let c = Captured {
+            tail: b"value is fine".to_vec(),
+            total: 13,
+        };
+        assert_eq!(
+            readable_tail_redacted(&c, 100, Some(secret)),
+            "value is fine"
+        );
     }
 }
