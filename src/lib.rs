@@ -38,6 +38,7 @@ pub mod control;
 pub mod current;
 pub mod daemon;
 pub mod digest;
+pub mod failures;
 pub mod logging;
 pub mod output;
 pub mod queue;

@@ -2,7 +2,10 @@
 //!
 //! - `scans/<digest hex>/<UTC timestamp>_<DB build>.json`: the grype document, unchanged;
 //! - `sboms/<digest hex>.syft.json`: the SBOM;
-//! - `inventory/<UTC timestamp>.json`: tag changes seen by one cycle.
+//! - `inventory/<UTC timestamp>.json`: tag changes seen by one cycle;
+//! - `changes/<UTC timestamp>.json`: findings changed by re-matches ([`crate::changes`]);
+//! - `failures/<UTC timestamp>_<digest hex>.json`: one failed scan or re-match
+//!   ([`crate::failures`]).
 //!
 //! Invariants:
 //! - A name is never reused: files are created with `create_new`, and a taken name gets
@@ -106,6 +109,12 @@ impl Output {
     /// `inventory/<timestamp>.json`.
     pub fn inventory_name(at: DateTime<Utc>) -> String {
         format!("inventory/{}.json", timestamp(at))
+    }
+
+    /// `failures/<timestamp>_<hex>.json`: the digest in the name, so that two digests
+    /// failing in the same millisecond do not need a suffix.
+    pub fn failure_name(digest: &Digest, at: DateTime<Utc>) -> String {
+        format!("failures/{}_{}.json", timestamp(at), digest.hex())
     }
 
     /// The absolute path of a relative output name.

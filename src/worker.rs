@@ -18,19 +18,22 @@
 //! start-up by [`recover`]: complete files are adopted (no second result for the same DB
 //! build), partial ones are deleted and the job runs again. A failed scan is recorded with
 //! the tail of stderr and retried with exponential back-off; it never stops the daemon.
+//! Each failed scan or re-match, once committed, is also written to `failures/`
+//! ([`crate::failures`]) so that Snowflake sees it; that file is best effort.
 //! With no usable DB a job is held: the digest keeps its status and waits.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::changes::{ChangeRecord, diff, findings};
 use crate::current::Current;
 use crate::digest::Digest;
+use crate::failures::{FailureKind, FailureRecord};
 use crate::output::{Output, OutputError, file_sha256};
 use crate::queue::{Job, JobKind, Lane};
 use crate::registry::RegistryClient;
@@ -349,15 +352,16 @@ impl Worker {
             Err(ScanError::DbUnavailable(reason)) => return Ok(ScanOutcome::Held { reason }),
             Err(e) => {
                 let text = error_chain(&e);
+                let now = Utc::now();
                 record.attempts += 1;
                 let delay = self.retry.delay(record.attempts);
                 record.last_error = Some(truncate(&text, MAX_ERROR_CHARS));
                 record.next_retry = Some(
-                    Utc::now()
-                        + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1)),
+                    now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1)),
                 );
                 self.put(&record).await?;
                 warn!(digest = %digest, retry_in = ?delay, error = %text, "re-match failed; the previous result stands");
+                self.write_failure(&record, FailureKind::Rematch, now);
                 return Ok(ScanOutcome::Failed { error: text });
             }
         };
@@ -487,19 +491,29 @@ impl Worker {
     }
 
     async fn fail(&self, mut record: ImageRecord, text: &str) -> Result<ScanOutcome, WorkerError> {
+        let now = Utc::now();
         let delay = self.retry.delay(record.attempts);
         record.status = ImageStatus::Failed;
         // A failed copy removes its partial file; nothing is left to settle.
         record.pending_write = None;
         record.last_error = Some(truncate(text, MAX_ERROR_CHARS));
-        record.next_retry = Some(
-            Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1)),
-        );
+        record.next_retry =
+            Some(now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1)));
         self.put(&record).await?;
         warn!(digest = %record.digest, attempt = record.attempts, retry_in = ?delay, error = %text, "scan failed");
+        self.write_failure(&record, FailureKind::Scan, now);
         Ok(ScanOutcome::Failed {
             error: text.to_string(),
         })
+    }
+
+    /// Writes the failure just committed on `record` to `failures/`. Only after the
+    /// commit: the store is the source of truth and drives the retry; this file is
+    /// monitoring for Snowflake, so a write that fails is logged and the job goes on.
+    fn write_failure(&self, record: &ImageRecord, kind: FailureKind, at: DateTime<Utc>) {
+        if let Err(e) = FailureRecord::of(record, kind, at).write(&self.output) {
+            warn!(digest = %record.digest, error = %error_chain(&e), "failure record not written; the failure is in state");
+        }
     }
 
     async fn record_failure(&self, digest: &Digest, text: &str) -> Result<(), WorkerError> {

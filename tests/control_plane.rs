@@ -783,6 +783,10 @@ async fn sigterm_during_a_scan_stops_in_time_leaves_no_scanner_and_the_digest_is
         ImageStatus::Pending
     );
     assert!(scanner.result_files().is_empty());
+    assert!(
+        scanner.failure_records().is_empty(),
+        "a scan stopped by shutdown is no failure"
+    );
 
     // After a restart (real syft) the digest is scanned.
     scanner.syft = support::daemon::syft();
@@ -790,6 +794,7 @@ async fn sigterm_during_a_scan_stops_in_time_leaves_no_scanner_and_the_digest_is
     assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
     assert_eq!(run.summary()["scanned"], 1);
     assert_eq!(scanner.result_files()[&hex(&image.digest)].len(), 1);
+    assert!(scanner.failure_records().is_empty());
 }
 
 #[tokio::test]

@@ -1,9 +1,10 @@
 //! The vulnerability-DB lifecycle end to end: updates from a loopback update server,
 //! re-matching cached SBOMs without registry traffic, change records, failed updates,
-//! stale DBs, updates racing scans, a crash during re-matching, and lane priority. Real
-//! docker-registry, real syft, the real binary; grype is the test stand-in with its own
-//! DB (see tests/fixtures/README.md), or a real grype from `$GRYPE` for the tests that do
-//! not need a scripted DB.
+//! failed re-matches and scans (and their failure records), stale DBs, updates racing
+//! scans, a crash during re-matching, and lane priority. Real docker-registry, real syft,
+//! the real binary; grype is the test stand-in with its own DB (see
+//! tests/fixtures/README.md), or a real grype from `$GRYPE` for the tests that do not
+//! need a scripted DB.
 
 mod support;
 
@@ -17,7 +18,9 @@ use spcs_image_scanner::digest::Digest;
 use spcs_image_scanner::state::{
     Batch, ImageRecord, ImageStatus, ScanMode, ScanRecord, Store, TagRecord,
 };
-use support::daemon::{Scanner, using_standin, wait_for_file, wrapper_script};
+use support::daemon::{
+    Scanner, assert_failure_record, using_standin, wait_for_file, wrapper_script,
+};
 use support::db_server::{DbBuild, DbServer, Serve};
 use support::oci::{DebianImage, ManifestFormat, PushedManifest, Pusher};
 use support::registry::{RegistryOptions, TestRegistry};
@@ -783,7 +786,117 @@ async fn a_scanner_killed_by_a_signal_or_leaving_an_empty_report_is_a_failure_ne
             record.last_error
         );
         assert!(scanner.result_files().is_empty(), "{name}: no result file");
+        let failures = scanner.failure_records();
+        assert_eq!(
+            failures.len(),
+            1,
+            "{name}: one record per failure: {failures:?}"
+        );
+        assert_failure_record(&failures[0].1, &record, "scan", "app/svc:1");
     }
+
+    // A failure record that cannot be written (`failures` is taken by a file): one
+    // warning naming the digest; the failure is still recorded in state.
+    let mut scanner = Scanner::new(&registry.url());
+    scanner.grype = Some(wrapper_script(
+        scanner.dir.path(),
+        "grype-killed",
+        "kill -KILL $$",
+        &support::daemon::grype(),
+    ));
+    std::fs::create_dir_all(scanner.output_dir()).unwrap();
+    std::fs::write(scanner.output_dir().join("failures"), b"not a directory").unwrap();
+    let run = scanner.once();
+    assert_eq!(run.code, Some(1), "{}", run.stdout);
+    let warnings = run.events("failure record not written; the failure is in state");
+    assert_eq!(warnings.len(), 1, "{}", run.stdout);
+    assert_eq!(warnings[0]["digest"], image.digest.as_str());
+    let record = scanner.image(&image.digest).unwrap();
+    assert_eq!(record.status, ImageStatus::Failed);
+    assert!(record.last_error.unwrap().contains("killed by signal 9"));
+    assert!(!run.stdout.contains("panicked") && !run.stderr.contains("panicked"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_rematch_keeps_the_previous_result_and_writes_one_failure_record_per_attempt() {
+    if !using_standin() {
+        eprintln!("skipped: this test drives the stand-in's DB, and GRYPE names a real grype");
+        return;
+    }
+    let (registry, _pusher, images) = registry_with_images(1).await;
+    let digest = &images[0].digest;
+    let server = DbServer::start(DbBuild::from_fixture(&built(30))).await;
+    let mut scanner = Scanner::new(&registry.url());
+    scanner.remove_db();
+    scanner.vulndb = format!(
+        "update_url = {:?}\nupdate_cron = \"0 0 0 1 1 *\"",
+        server.url()
+    );
+    assert_eq!(scanner.once().code, Some(0));
+    assert!(scanner.failure_records().is_empty());
+    let first = scanner.image(digest).unwrap().last_scan.unwrap();
+
+    // A new DB, and a grype that fails on every match (its DB commands still work).
+    let build = built(2);
+    server.publish(DbBuild::from_fixture(&build));
+    scanner.grype = Some(wrapper_script(
+        scanner.dir.path(),
+        "grype-broken",
+        "echo 'failed to match: boom' >&2; exit 1",
+        &support::daemon::grype(),
+    ));
+    for attempt in 1..=2 {
+        if let Some(due) = scanner.image(digest).unwrap().next_retry {
+            while Utc::now() <= due + chrono::Duration::milliseconds(50) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let run = scanner.once();
+        assert_eq!(run.summary()["rematch_queued"], 1, "{}", run.stdout);
+        assert_eq!(
+            run.events("re-match failed; the previous result stands")
+                .len(),
+            1,
+            "{}",
+            run.stdout
+        );
+        let record = scanner.image(digest).unwrap();
+        assert_eq!(
+            record.status,
+            ImageStatus::Scanned,
+            "the previous result stands"
+        );
+        assert_eq!(record.last_scan.as_ref(), Some(&first));
+        let failures = scanner.failure_records();
+        assert_eq!(
+            failures.len(),
+            attempt,
+            "one per failed attempt: {failures:?}"
+        );
+        let latest = &failures.last().unwrap().1;
+        assert_failure_record(latest, &record, "rematch", "app/svc:v0");
+        // The scan was attempt 1: re-matches count on the same record.
+        assert_eq!(latest["attempt"], 1 + attempt as u64);
+        assert!(
+            latest["error"]
+                .as_str()
+                .unwrap()
+                .contains("grype exited with code 1: failed to match: boom"),
+            "{latest}"
+        );
+    }
+
+    // Fixed: the re-match goes through and writes no failure record.
+    let due = scanner.image(digest).unwrap().next_retry.unwrap();
+    while Utc::now() <= due + chrono::Duration::milliseconds(50) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    scanner.grype = Some(support::daemon::grype());
+    let run = scanner.once();
+    assert_eq!(run.code, Some(0), "{}", run.stdout);
+    assert_eq!(run.summary()["rematched"], 1, "{}", run.stdout);
+    assert_eq!(scanner.failure_records().len(), 2);
+    assert_eq!(result_names(&scanner)[&hex(digest)].len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use spcs_image_scanner::state::ImageStatus;
 use support::daemon::{
-    Auth, Scanner, hanging_wrapper, using_standin, wait_for_file, wrapper_script,
+    Auth, Scanner, assert_failure_record, hanging_wrapper, using_standin, wait_for_file,
+    wrapper_script,
 };
 use support::oci::{DebianImage, ManifestFormat, PushedManifest, Pusher};
 use support::registry::{LoggedRequest, RegistryOptions, TestRegistry};
@@ -184,6 +185,10 @@ async fn first_cycle_scans_each_digest_once_and_an_unchanged_registry_costs_one_
         assert!(doc["matches"].is_array());
     }
     assert_eq!(first.events("scan started").len(), 3);
+    assert!(
+        scanner.failure_records().is_empty(),
+        "a successful scan writes no failure record"
+    );
     let sboms: BTreeSet<String> = scanner.sbom_files().into_iter().collect();
     assert_eq!(
         sboms,
@@ -468,6 +473,10 @@ async fn kill_9_during_a_scan_rescans_after_restart_without_partial_or_duplicate
     assert_eq!(image.status, ImageStatus::Scanned);
     assert_eq!(image.attempts, 2, "the killed attempt counts");
     assert!(
+        scanner.failure_records().is_empty(),
+        "a crash is settled at start-up, not recorded as a failure"
+    );
+    assert!(
         !scanner.state_dir().join("tmp").exists()
             || std::fs::read_dir(scanner.state_dir().join("tmp"))
                 .unwrap()
@@ -609,6 +618,35 @@ async fn basic_auth_with_htpasswd_scans_and_never_logs_the_password() {
         run.stdout
     );
     assert!(wrong.result_files().is_empty());
+    assert!(
+        wrong.failure_records().is_empty(),
+        "a failed cycle is no failed scan"
+    );
+
+    // A scanner that echoes the password in its error: the failure record (like the
+    // state) carries it redacted.
+    let mut echoes = Scanner::new(&registry.url());
+    echoes.auth = Auth::Basic {
+        username: "scanner".into(),
+        password: password.into(),
+    };
+    echoes.syft = wrapper_script(
+        echoes.dir.path(),
+        "syft-echoes-password",
+        "echo \"login to registry failed: password=$SYFT_REGISTRY_AUTH_PASSWORD\" >&2; exit 1",
+        &support::daemon::syft(),
+    );
+    let run = echoes.once();
+    assert_eq!(run.code, Some(1), "{}", run.stdout);
+    let records = echoes.failure_records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let image = echoes.image(&a.digest).unwrap();
+    assert_failure_record(&records[0].1, &image, "scan", "private/app:1");
+    let error = records[0].1["error"].as_str().unwrap();
+    assert!(error.contains("password=[redacted]"), "{error}");
+    assert!(!run.stdout.contains(password) && !run.stderr.contains(password));
+    assert_no_file_contains(&echoes.output_dir(), password);
+    assert_no_file_contains(&echoes.state_dir(), password);
 }
 
 #[tokio::test]
@@ -778,11 +816,26 @@ async fn a_failed_scan_is_recorded_with_stderr_and_retried_after_its_back_off() 
     let next_retry = record.next_retry.unwrap();
     assert!(next_retry > record.first_seen);
 
+    // Snowflake sees each failed attempt: one failure record per digest, as state has it.
+    let failures = scanner.failure_records();
+    assert_eq!(failures.len(), 2, "{failures:?}");
+    for (digest, tag) in [(&a.digest, "demo/fails:1"), (&b.digest, "demo/fails:2")] {
+        let image = scanner.image(digest).unwrap();
+        let found: Vec<_> = failures
+            .iter()
+            .filter(|(_, f)| f["digest"] == digest.as_str())
+            .collect();
+        assert_eq!(found.len(), 1, "{failures:?}");
+        assert_failure_record(&found[0].1, &image, "scan", tag);
+        assert!(found[0].0.ends_with(&format!("_{}.json", hex(digest))));
+    }
+
     // Not due yet: nothing is queued however often a cycle runs.
     let run = scanner.once();
     if chrono::Utc::now() < next_retry {
         assert_eq!(run.summary()["queued"], 0);
         assert_eq!(scanner.image(&a.digest).unwrap().attempts, 1);
+        assert_eq!(scanner.failure_records().len(), 2, "no attempt, no record");
     }
 
     // Once due, with a working grype, they are scanned.
@@ -804,6 +857,11 @@ async fn a_failed_scan_is_recorded_with_stderr_and_retried_after_its_back_off() 
         assert_eq!(record.last_error, None);
         assert_eq!(scanner.result_files()[&hex(digest)].len(), 1);
     }
+    assert_eq!(
+        scanner.failure_records(),
+        failures,
+        "a successful scan writes no failure record; earlier ones stay"
+    );
 }
 
 #[tokio::test]

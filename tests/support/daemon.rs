@@ -2,7 +2,7 @@
 //! a config, state and output; `once` runs; `run` as a child whose JSON log lines are
 //! collected so tests can wait for "cycle finished" instead of sleeping.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -331,6 +331,92 @@ impl Scanner {
             })
             .collect()
     }
+
+    /// Failure records under `failures/`, oldest first, parsed; each file must be one
+    /// JSON object named `<UTC timestamp>_<digest hex>.json` after its own digest.
+    pub fn failure_records(&self) -> Vec<(String, serde_json::Value)> {
+        let dir = self.output_dir().join("failures");
+        list_names(&dir)
+            .into_iter()
+            .map(|name| {
+                let text = std::fs::read_to_string(dir.join(&name)).expect("read failure");
+                let record: serde_json::Value =
+                    serde_json::from_str(&text).expect("a failure record is JSON");
+                assert!(record.is_object(), "{name}: one object: {text}");
+                let hex = record["digest"]
+                    .as_str()
+                    .and_then(|d| d.strip_prefix("sha256:"))
+                    .unwrap_or_else(|| panic!("{name}: a sha256 digest: {text}"));
+                assert!(
+                    name.ends_with(&format!("Z_{hex}.json")),
+                    "{name}: named after its digest"
+                );
+                (name, record)
+            })
+            .collect()
+    }
+}
+
+/// Checks a failure record against the digest's state right after the failed attempt
+/// (`image`): the same digest, attempt count, error text and next retry; `kind`; `tag`
+/// among its tags; exactly the documented fields.
+pub fn assert_failure_record(
+    record: &serde_json::Value,
+    image: &ImageRecord,
+    kind: &str,
+    tag: &str,
+) {
+    let keys: BTreeSet<&str> = record
+        .as_object()
+        .unwrap_or_else(|| panic!("one object: {record}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let expected = BTreeSet::from([
+        "digest",
+        "kind",
+        "repositories",
+        "tags",
+        "attempt",
+        "error",
+        "next_retry",
+        "observed_at",
+    ]);
+    assert_eq!(keys, expected, "{record}");
+    assert_eq!(record["digest"], image.digest.as_str(), "{record}");
+    assert_eq!(record["kind"], kind, "{record}");
+    assert_eq!(record["attempt"], image.attempts, "{record}");
+    let error = record["error"].as_str().unwrap_or_default();
+    assert!(!error.is_empty(), "{record}");
+    assert_eq!(
+        Some(error),
+        image.last_error.as_deref(),
+        "the text state keeps"
+    );
+    let next_retry = record["next_retry"].as_str().map(|t| {
+        chrono::DateTime::parse_from_rfc3339(t)
+            .unwrap_or_else(|e| panic!("next_retry {t}: {e}"))
+            .with_timezone(&chrono::Utc)
+    });
+    assert_eq!(next_retry, image.next_retry, "{record}");
+    let observed_at = record["observed_at"].as_str().unwrap_or_default();
+    let observed_at = chrono::DateTime::parse_from_rfc3339(observed_at)
+        .unwrap_or_else(|e| panic!("observed_at {observed_at}: {e}"));
+    assert!(next_retry.is_none_or(|t| t > observed_at), "{record}");
+    let strings = |field: &str| -> Vec<String> {
+        record[field]
+            .as_array()
+            .unwrap_or_else(|| panic!("{field}: {record}"))
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(strings("tags").iter().any(|t| t == tag), "{tag}: {record}");
+    assert_eq!(
+        strings("repositories"),
+        image.repositories.iter().cloned().collect::<Vec<_>>(),
+        "{record}"
+    );
 }
 
 fn list_names(dir: &Path) -> Vec<String> {
