@@ -16,7 +16,9 @@
 --   sboms/<digest hex>.syft.json     the SBOM (not loaded here)
 -- The digest in a scan file's name is the platform manifest digest the scanner keyed the
 -- image by (grype's source.target.manifestDigest); the timestamp says when it was scanned
--- and the DB build which vulnerability DB it was matched with.
+-- and the DB build which vulnerability DB it was matched with. Times taken from file
+-- names and DB builds are UTC, as TIMESTAMP_NTZ; record times (observed_at) keep their
+-- offset, as TIMESTAMP_TZ.
 --
 -- Idempotent: tables are IF NOT EXISTS (never dropped: they hold the history), views and
 -- file formats OR REPLACE.
@@ -104,11 +106,12 @@ SELECT
   mt.value:vulnerability.cvss[0].vector::VARCHAR AS cvss_vector,
   mt.value:vulnerability.fix.state::VARCHAR AS fix_state,
   ARRAY_TO_STRING(mt.value:vulnerability.fix.versions, ', ') AS fixed_version,
-  mt.value:vulnerability.fix.state::VARCHAR = 'fixed' AS is_fixable,
+  COALESCE(mt.value:vulnerability.fix.state::VARCHAR = 'fixed', FALSE) AS is_fixable,
   mt.value:artifact.name::VARCHAR AS package_name,
   mt.value:artifact.version::VARCHAR AS package_version,
   mt.value:artifact.type::VARCHAR AS package_type,
   mt.value:artifact.purl::VARCHAR AS package_purl,
+  mt.index AS match_index,
   s.result_file
 FROM scans s
 JOIN scans_raw r ON r.filename = s.result_file AND r.loaded_at = s.loaded_at,

@@ -74,7 +74,7 @@ FROM scan_results_latest r
 JOIN image_tags_current t ON t.image_digest = r.image_digest
 LEFT JOIN asset_inventory a ON t.image_tag LIKE a.image_pattern
 QUALIFY ROW_NUMBER() OVER (
-  PARTITION BY t.image_tag, r.result_file, r.vulnerability_id, r.package_name, r.package_version, r.package_type
+  PARTITION BY t.image_tag, r.result_file, r.match_index
   ORDER BY LENGTH(a.image_pattern) DESC NULLS LAST
 ) = 1;
 

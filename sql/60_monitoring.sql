@@ -11,6 +11,7 @@ USE SCHEMA <% db %>.<% schema %>;
 
 -- Images whose newest scan attempt failed: the newest failure is later than the newest
 -- result (or there is no result at all). Retried by the scanner at next_retry.
+-- scanned_at is UTC (TIMESTAMP_NTZ, from the file name): the failure time is compared in UTC.
 CREATE OR REPLACE VIEW monitor_failed_scans AS
 SELECT
   f.image_digest,
@@ -27,7 +28,8 @@ FROM (
   QUALIFY ROW_NUMBER() OVER (PARTITION BY image_digest ORDER BY failed_at DESC, failure_file DESC) = 1
 ) f
 LEFT JOIN scans_latest l ON l.image_digest = f.image_digest
-WHERE l.scanned_at IS NULL OR f.failed_at > l.scanned_at::TIMESTAMP_TZ;
+WHERE l.scanned_at IS NULL
+   OR CONVERT_TIMEZONE('UTC', f.failed_at)::TIMESTAMP_NTZ > l.scanned_at;
 
 -- Images in use (tagged today) whose newest result was matched with an older DB than
 -- the newest DB build any result was matched with: the re-match after the last DB

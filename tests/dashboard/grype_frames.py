@@ -9,6 +9,7 @@ Upper-case column names and NULLs (None / NaN / NaT) are as Snowpark's to_pandas
 """
 
 import hashlib
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,24 +18,17 @@ import pandas as pd
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "grype"
 
-FINDING_COLUMNS = [
-    "IMAGE_TAG", "REPOSITORY", "TAG", "IMAGE_DIGEST", "IMAGE_ID", "SCANNED_AT", "DB_BUILT",
-    "RESULT_FILE", "DISTRO_NAME", "DISTRO_VERSION", "VULNERABILITY_ID", "SEVERITY",
-    "DESCRIPTION", "RISK_SCORE", "EPSS_SCORE", "EPSS_PERCENTILE", "IS_KEV", "CVSS_SCORE",
-    "CVSS_VECTOR", "FIX_STATE", "FIXED_VERSION", "IS_FIXABLE", "PACKAGE_NAME",
-    "PACKAGE_VERSION", "PACKAGE_TYPE", "PACKAGE_PURL", "ENVIRONMENT", "OWNING_TEAM",
-    "CRITICALITY", "PRIORITY_SCORE",
-]
-IMAGE_COLUMNS = [
-    "IMAGE_TAG", "REPOSITORY", "TAG", "IMAGE_DIGEST", "SCANNED_AT", "DB_BUILT", "ENVIRONMENT",
-    "OWNING_TEAM", "CRITICALITY", "FINDINGS", "CRITICAL", "HIGH", "MEDIUM", "LOW",
-    "NEGLIGIBLE", "UNKNOWN", "KEV", "FIXABLE", "MAX_PRIORITY", "RISK_TOTAL",
-]
-CHANGE_COLUMNS = [
-    "IMAGE_DIGEST", "TAGS", "CHANGE_KIND", "VULNERABILITY_ID", "PACKAGE_NAME",
-    "PACKAGE_VERSION", "PACKAGE_TYPE", "SEVERITY", "PREVIOUS_SEVERITY", "FIX_STATE",
-    "FIX_VERSIONS", "DB_BUILT", "PREVIOUS_DB_BUILT", "OBSERVED_AT", "RESULT_FILE", "CHANGE_FILE",
-]
+
+def _app_columns():
+    """The column lists of the app, which tests/sql.rs checks against the views' SQL."""
+    spec = importlib.util.spec_from_file_location(
+        "streamlit_app_columns", Path(__file__).resolve().parents[2] / "streamlit" / "streamlit_app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines only; main() runs under __main__
+    return module.FINDING_COLUMNS, module.IMAGE_COLUMNS, module.CHANGE_COLUMNS
+
+
+FINDING_COLUMNS, IMAGE_COLUMNS, CHANGE_COLUMNS = _app_columns()
 
 # Invented DB build times for documents without descriptor.db, and for the change frame.
 NEWEST_DB_BUILT = "2026-12-01T00:00:00Z"
