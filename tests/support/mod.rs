@@ -7,6 +7,8 @@
 
 pub mod daemon;
 pub mod db_server;
+pub mod fault_proxy;
 pub mod oci;
 pub mod registry;
+pub mod reliability;
 pub mod scripted_http;
