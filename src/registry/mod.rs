@@ -1,20 +1,25 @@
 //! The registry client: list repositories and tags, resolve a tag to a digest, fetch a
 //! manifest.
 //!
-//! Manifest content goes through `oci-client` (GET by digest, which verifies the body
-//! against the digest). `_catalog`, `tags/list` and the per-tag manifest HEAD go through
-//! `reqwest`: `oci-client` drops the `Link` header, asks for the wrong scope on the
-//! catalog, and its HEAD costs an extra `GET /v2/` per request on a registry without auth
-//! (see [`RegistryClient::head_manifest`]).
+//! Every request goes through `reqwest` and one request loop ([`RegistryClient::fetch`]):
+//! `_catalog`, `tags/list`, the per-tag manifest HEAD and the manifest GET by digest.
+//! `oci-client` is not used for requests: it drops the `Link` header, asks for the wrong
+//! scope on the catalog, costs an extra `GET /v2/` per request on a registry without auth,
+//! hides `Retry-After` (a throttled manifest GET would be retried after a short back-off
+//! whatever the registry asked, and one over the cap would not fail fast), reads a
+//! manifest body without a size limit, and reports its own read timeout as a transport
+//! error. So a manifest body is checked against its digest here ([`digest_matches`]).
 //!
 //! Invariants:
 //! - At most `registry.concurrency` requests are in flight ([`RegistryClient::permits`]).
 //! - Every request has a timeout; retries are bounded by `registry.max_retries`; 429
-//!   honours `Retry-After` where the response is visible to us (the reqwest paths) and
-//!   5xx and connection errors back off exponentially.
+//!   honours `Retry-After` up to [`MAX_RETRY_AFTER`] (beyond it the request fails at
+//!   once), and 5xx and connection errors back off exponentially.
 //! - Credentials are re-read from their file for every client built and after every
-//!   401; `oci-client` keeps credentials forever, so its client is rebuilt when they
-//!   change ([`RegistryClient::oci`]).
+//!   401.
+//! - A manifest is at most [`MAX_MANIFEST_BYTES`], read without buffering more, and used
+//!   only if its bytes hash to the digest asked for (or, by tag, to the
+//!   `Docker-Content-Digest` the registry sent).
 //! - Pagination follows `Link` only to the same origin, stops when a page brings
 //!   nothing new, and is capped ([`MAX_PAGES`]).
 //! - Names from the registry are validated before use ([`is_valid_repository_name`],
@@ -29,10 +34,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Client as OciClient, Reference};
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, LINK, RETRY_AFTER, WWW_AUTHENTICATE};
 use tokio::sync::{Mutex, Semaphore};
@@ -185,12 +186,6 @@ impl RequestStats {
     }
 }
 
-struct OciHandle {
-    client: Arc<OciClient>,
-    auth: RegistryAuth,
-    fingerprint: Option<[u8; 32]>,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Scheme {
     /// Not learned yet: the first request goes out anonymously and a 401 tells.
@@ -217,7 +212,6 @@ pub struct RegistryClient {
     cfg: RegistryConfig,
     credentials: CredentialSource,
     http: reqwest::Client,
-    oci: Mutex<Option<OciHandle>>,
     list_auth: Mutex<ListAuth>,
     permits: Semaphore,
     stats: Arc<RequestStats>,
@@ -234,7 +228,7 @@ impl RegistryClient {
         cfg: RegistryConfig,
         stats: Arc<RequestStats>,
     ) -> Result<Self, RegistryError> {
-        // reqwest and oci-client are built without a default TLS crypto provider (ring is
+        // reqwest is built without a default TLS crypto provider (ring is
         // much cheaper to build than aws-lc); install it once. An error only means it is
         // already installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -257,7 +251,6 @@ impl RegistryClient {
             permits: Semaphore::new(cfg.concurrency),
             cfg,
             http,
-            oci: Mutex::new(None),
             list_auth: Mutex::new(ListAuth {
                 scheme: Scheme::Unknown,
                 tokens: HashMap::new(),
@@ -411,13 +404,8 @@ impl RegistryClient {
             }
             None => {
                 // Registries that send no digest header: GET and hash the body.
-                let reference = Reference::with_tag(
-                    self.cfg.host.clone(),
-                    repository.to_string(),
-                    tag.to_string(),
-                );
-                let (_, digest) = self.pull_manifest_raw(&path, reference).await?;
-                Digest::parse(&digest).map_err(|e| self.invalid("GET", &path, e.to_string()))
+                let (_, digest) = self.pull_manifest_raw(repository, tag, None).await?;
+                Ok(digest)
             }
         }
     }
@@ -428,42 +416,80 @@ impl RegistryClient {
         repository: &str,
         digest: &Digest,
     ) -> Result<Bytes, RegistryError> {
-        let path = format!("/v2/{repository}/manifests/{digest}");
-        let reference = Reference::with_digest(
-            self.cfg.host.clone(),
-            repository.to_string(),
-            digest.to_string(),
-        );
-        let (bytes, _) = self.pull_manifest_raw(&path, reference).await?;
-        if bytes.len() > MAX_MANIFEST_BYTES {
+        let (bytes, _) = self
+            .pull_manifest_raw(repository, digest.as_str(), Some(digest))
+            .await?;
+        Ok(bytes)
+    }
+
+    /// GET of a manifest (all four media types accepted, at most
+    /// [`MAX_MANIFEST_BYTES`]) through [`Self::fetch`], so it has the same retries,
+    /// `Retry-After`, timeout and auth as every other request. The body must hash to
+    /// `expected` (a GET by digest), else to the `Docker-Content-Digest` header when the
+    /// registry sent one; returns the body and its digest.
+    async fn pull_manifest_raw(
+        &self,
+        repository: &str,
+        reference: &str,
+        expected: Option<&Digest>,
+    ) -> Result<(Bytes, Digest), RegistryError> {
+        let path = format!("/v2/{repository}/manifests/{reference}");
+        let url = self
+            .cfg
+            .base_url
+            .join(&path)
+            .map_err(|e| self.invalid("GET", &path, e.to_string()))?;
+        let scope = format!("repository:{repository}:pull");
+        let accept = manifest::ACCEPTED.join(", ");
+        let (headers, body) = self
+            .fetch(
+                reqwest::Method::GET,
+                &url,
+                &scope,
+                Some(&accept),
+                MAX_MANIFEST_BYTES,
+            )
+            .await
+            .map_err(|e| match e {
+                RegistryError::Invalid { reason, .. } if reason.starts_with("response over") => {
+                    self.invalid(
+                        "GET",
+                        &path,
+                        format!("manifest over the {MAX_MANIFEST_BYTES}-byte limit"),
+                    )
+                }
+                other => other,
+            })?;
+        let header = match headers
+            .get("docker-content-digest")
+            .map(|v| v.to_str().map(str::trim))
+        {
+            None => None,
+            Some(Ok(value)) => {
+                Some(Digest::parse(value).map_err(|e| self.invalid("GET", &path, e.to_string()))?)
+            }
+            Some(Err(_)) => {
+                return Err(self.invalid("GET", &path, "Docker-Content-Digest is not text".into()));
+            }
+        };
+        // The digest asked for wins over the header: a by-digest GET must return exactly
+        // those bytes whatever the registry claims.
+        let digest = match (expected, header) {
+            (Some(d), _) => d.clone(),
+            (None, Some(d)) => d,
+            (None, None) => Digest::sha256_of(&body),
+        };
+        if !digest_matches(&digest, &body) {
             return Err(self.invalid(
                 "GET",
                 &path,
                 format!(
-                    "manifest of {} bytes is over the {MAX_MANIFEST_BYTES}-byte limit",
-                    bytes.len()
+                    "digest check failed: the {} bytes received are not {digest}",
+                    body.len()
                 ),
             ));
         }
-        Ok(bytes)
-    }
-
-    /// GET of a manifest through `oci-client`, which checks the body against the digest
-    /// (of the reference, or of the `Docker-Content-Digest` header).
-    async fn pull_manifest_raw(
-        &self,
-        path: &str,
-        reference: Reference,
-    ) -> Result<(Bytes, String), RegistryError> {
-        self.oci_call("GET", path, |client, auth| {
-            let reference = reference.clone();
-            async move {
-                client
-                    .pull_manifest_raw(&reference, &auth, &manifest::ACCEPTED)
-                    .await
-            }
-        })
-        .await
+        Ok((body, digest))
     }
 
     fn invalid(&self, method: &'static str, path: &str, reason: String) -> RegistryError {
@@ -472,165 +498,6 @@ impl RegistryClient {
             method,
             path: path.to_string(),
             reason,
-        }
-    }
-
-    /// The `oci-client` client for the current credentials; rebuilt when they changed
-    /// or when `fresh` (after a 401), because `oci-client` caches credentials forever.
-    async fn oci(&self, fresh: bool) -> Result<(Arc<OciClient>, RegistryAuth), RegistryError> {
-        let creds = self.credentials()?;
-        let fingerprint = creds.as_ref().map(Credentials::fingerprint);
-        let mut guard = self.oci.lock().await;
-        if !fresh {
-            if let Some(h) = guard.as_ref().filter(|h| h.fingerprint == fingerprint) {
-                return Ok((h.client.clone(), h.auth.clone()));
-            }
-        }
-        let config = ClientConfig {
-            protocol: if self.cfg.plain_http {
-                ClientProtocol::Http
-            } else {
-                ClientProtocol::Https
-            },
-            platform_resolver: None,
-            read_timeout: Some(self.cfg.request_timeout),
-            connect_timeout: Some(self.cfg.request_timeout),
-            user_agent: USER_AGENT,
-            ..ClientConfig::default()
-        };
-        let client = OciClient::try_from(config).map_err(|e| RegistryError::Transport {
-            host: self.cfg.host.clone(),
-            method: "SETUP",
-            path: String::new(),
-            source: Box::new(e),
-        })?;
-        let auth = match creds {
-            Some(c) => RegistryAuth::Basic(c.username, c.password.expose().to_string()),
-            None => RegistryAuth::Anonymous,
-        };
-        let handle = OciHandle {
-            client: Arc::new(client),
-            auth: auth.clone(),
-            fingerprint,
-        };
-        let client = handle.client.clone();
-        *guard = Some(handle);
-        Ok((client, auth))
-    }
-
-    /// Runs an `oci-client` call with the concurrency bound, a timeout, one credential
-    /// refresh after a 401, and bounded retries for 429, 5xx and connection errors.
-    async fn oci_call<T, F, Fut>(
-        &self,
-        method: &'static str,
-        path: &str,
-        call: F,
-    ) -> Result<T, RegistryError>
-    where
-        F: Fn(Arc<OciClient>, RegistryAuth) -> Fut,
-        Fut: std::future::Future<Output = Result<T, OciDistributionError>>,
-    {
-        let mut attempt = 0u32;
-        let mut refreshed = false;
-        loop {
-            let (client, auth) = self.oci(false).await?;
-            let outcome = {
-                let _permit = self
-                    .permits
-                    .acquire()
-                    .await
-                    .map_err(|_| self.invalid(method, path, "client closed".into()))?;
-                self.stats.total.fetch_add(1, Ordering::Relaxed);
-                tokio::time::timeout(self.cfg.request_timeout, call(client, auth)).await
-            };
-            let err = match outcome {
-                Ok(Ok(v)) => {
-                    self.stats.record("200");
-                    return Ok(v);
-                }
-                Ok(Err(e)) => e,
-                Err(_) => {
-                    self.stats.record("timeout");
-                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    if attempt < self.cfg.max_retries {
-                        attempt += 1;
-                        tokio::time::sleep(backoff(attempt)).await;
-                        continue;
-                    }
-                    return Err(RegistryError::Timeout {
-                        host: self.cfg.host.clone(),
-                        method,
-                        path: path.to_string(),
-                        timeout: self.cfg.request_timeout,
-                    });
-                }
-            };
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
-            let failure = classify_oci_error(err);
-            self.stats.record(&match &failure {
-                OciFailure::Unauthorized => "401".to_string(),
-                OciFailure::NotFound => "404".to_string(),
-                OciFailure::Retryable(Some(code), _) => code.to_string(),
-                OciFailure::Retryable(None, _) => "transport".to_string(),
-                OciFailure::Status(code) => code.to_string(),
-                OciFailure::Invalid(_) => "invalid".to_string(),
-            });
-            match failure {
-                OciFailure::Unauthorized if !refreshed => {
-                    debug!(method, path, "401 from registry; reading credentials again");
-                    refreshed = true;
-                    attempt = 0;
-                    let _ = self.oci(true).await?;
-                    continue;
-                }
-                OciFailure::Unauthorized => {
-                    return Err(RegistryError::Unauthorized {
-                        host: self.cfg.host.clone(),
-                        method,
-                        path: path.to_string(),
-                    });
-                }
-                OciFailure::NotFound => {
-                    return Err(RegistryError::NotFound {
-                        host: self.cfg.host.clone(),
-                        method,
-                        path: path.to_string(),
-                    });
-                }
-                OciFailure::Retryable(status, source) => {
-                    if status == Some(429) {
-                        self.stats.throttled.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if attempt < self.cfg.max_retries {
-                        attempt += 1;
-                        tokio::time::sleep(backoff(attempt)).await;
-                        continue;
-                    }
-                    return Err(match status {
-                        Some(code) => RegistryError::Status {
-                            host: self.cfg.host.clone(),
-                            method,
-                            path: path.to_string(),
-                            status: status_text(code),
-                        },
-                        None => RegistryError::Transport {
-                            host: self.cfg.host.clone(),
-                            method,
-                            path: path.to_string(),
-                            source,
-                        },
-                    });
-                }
-                OciFailure::Status(code) => {
-                    return Err(RegistryError::Status {
-                        host: self.cfg.host.clone(),
-                        method,
-                        path: path.to_string(),
-                        status: status_text(code),
-                    });
-                }
-                OciFailure::Invalid(reason) => return Err(self.invalid(method, path, reason)),
-            }
         }
     }
 
@@ -1006,59 +873,6 @@ impl RegistryClient {
     }
 }
 
-enum OciFailure {
-    Unauthorized,
-    NotFound,
-    Retryable(Option<u16>, Box<dyn std::error::Error + Send + Sync>),
-    Status(u16),
-    Invalid(String),
-}
-
-fn classify_oci_error(err: OciDistributionError) -> OciFailure {
-    match err {
-        OciDistributionError::UnauthorizedError { .. }
-        | OciDistributionError::AuthenticationFailure(_) => OciFailure::Unauthorized,
-        OciDistributionError::ImageManifestNotFoundError(_) => OciFailure::NotFound,
-        OciDistributionError::RegistryError { envelope, .. } => {
-            let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
-            if codes.iter().any(|c| {
-                matches!(
-                    c,
-                    OciErrorCode::ManifestUnknown
-                        | OciErrorCode::NameUnknown
-                        | OciErrorCode::NotFound
-                )
-            }) {
-                OciFailure::NotFound
-            } else if codes
-                .iter()
-                .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
-            {
-                OciFailure::Unauthorized
-            } else if codes
-                .iter()
-                .any(|c| matches!(c, OciErrorCode::Toomanyrequests))
-            {
-                OciFailure::Retryable(Some(429), "too many requests".into())
-            } else {
-                OciFailure::Invalid(format!("registry error: {envelope}"))
-            }
-        }
-        OciDistributionError::ServerError { code, .. } => match code {
-            401 => OciFailure::Unauthorized,
-            404 => OciFailure::NotFound,
-            429 | 500..=599 => OciFailure::Retryable(Some(code), format!("status {code}").into()),
-            other => OciFailure::Status(other),
-        },
-        OciDistributionError::RequestError(e) => OciFailure::Retryable(None, Box::new(e)),
-        OciDistributionError::IoError(e) => OciFailure::Retryable(None, Box::new(e)),
-        OciDistributionError::DigestError(e) => {
-            OciFailure::Invalid(format!("digest check failed: {e}"))
-        }
-        other => OciFailure::Invalid(other.to_string()),
-    }
-}
-
 enum ReadError {
     TooLarge,
     Http(reqwest::Error),
@@ -1083,6 +897,17 @@ async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<B
         buf.extend_from_slice(&chunk);
     }
     Ok(Bytes::from(buf))
+}
+
+/// True when `body` hashes to `digest` (sha256 or sha512).
+fn digest_matches(digest: &Digest, body: &[u8]) -> bool {
+    use sha2::Digest as _;
+    let actual = match digest.as_str().split_once(':') {
+        Some(("sha256", _)) => hex::encode(sha2::Sha256::digest(body)),
+        Some(("sha512", _)) => hex::encode(sha2::Sha512::digest(body)),
+        _ => return false,
+    };
+    actual == digest.hex()
 }
 
 fn path_of(url: &Url) -> String {
@@ -1267,6 +1092,26 @@ mod tests {
             "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
         );
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_manifest_body_must_hash_to_its_digest() {
+        let body = br#"{"schemaVersion":2}"#;
+        let sha256 = Digest::sha256_of(body);
+        assert!(digest_matches(&sha256, body));
+        assert!(!digest_matches(&sha256, &body[..body.len() / 2]));
+        assert!(!digest_matches(
+            &Digest::sha256_of(b"another manifest"),
+            body
+        ));
+        use sha2::Digest as _;
+        let sha512 = Digest::parse(&format!(
+            "sha512:{}",
+            hex::encode(sha2::Sha512::digest(body))
+        ))
+        .unwrap();
+        assert!(digest_matches(&sha512, body));
+        assert!(!digest_matches(&sha512, b"{}"));
     }
 
     #[test]
