@@ -8,23 +8,34 @@
 //!   exits, the whole group is killed, so grandchildren cannot outlive a scan.
 //! - stdout and stderr are drained concurrently and only their last
 //!   [`CAPTURE_LIMIT`] bytes are kept, however much the child prints.
+//! - The run ends when the child has ended and its group is killed: the pipes are read
+//!   for at most [`DRAIN_GRACE`] more. A process that left the group (`setsid`) can hold
+//!   them open as long as it lives; waiting for it would hang the scan past every
+//!   timeout.
 //! - A spawn failure, a timeout or a kill is an error value, never a panic.
 
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use crate::registry::auth::Secret;
 
 /// Bytes of stdout/stderr kept per stream (the tail): enough for an error message,
 /// bounded however much a broken scanner prints.
 pub const CAPTURE_LIMIT: usize = 64 * 1024;
+
+/// How long stdout/stderr are still read after the child ended and its group was
+/// killed. Once the group is gone the pipes close at once, unless a process outside it
+/// holds them: then what was read so far is kept and the rest let go.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// An environment value; secret ones are never shown.
 #[derive(Debug, Clone)]
@@ -160,8 +171,10 @@ pub async fn run(
         .id()
         .and_then(|id| i32::try_from(id).ok())
         .map(Pid::from_raw);
-    let stdout = tokio::spawn(capture(child.stdout.take()));
-    let stderr = tokio::spawn(capture(child.stderr.take()));
+    let stdout_tail = Arc::new(Mutex::new(Captured::default()));
+    let stderr_tail = Arc::new(Mutex::new(Captured::default()));
+    let mut stdout = tokio::spawn(capture(child.stdout.take(), stdout_tail.clone()));
+    let mut stderr = tokio::spawn(capture(child.stderr.take(), stderr_tail.clone()));
 
     enum End {
         Exited(std::io::Result<ExitStatus>),
@@ -183,8 +196,23 @@ pub async fn run(
         End::TimedOut => (child.wait().await, Some(End::TimedOut)),
         End::Cancelled => (child.wait().await, Some(End::Cancelled)),
     };
-    let stdout = stdout.await.unwrap_or_default();
-    let stderr = stderr.await.unwrap_or_default();
+    let drained = tokio::time::timeout(DRAIN_GRACE, async {
+        let _ = (&mut stdout).await;
+        let _ = (&mut stderr).await;
+    })
+    .await
+    .is_ok();
+    if !drained {
+        stdout.abort();
+        stderr.abort();
+        warn!(
+            program = %inv.name(),
+            grace = ?DRAIN_GRACE,
+            "scanner output still open after its process group was killed (a process outside the group holds it); stopped reading"
+        );
+    }
+    let stdout = take_captured(&stdout_tail);
+    let stderr = take_captured(&stderr_tail);
     match stopped {
         Some(End::TimedOut) => Err(ProcessError::Timeout {
             program: inv.name(),
@@ -208,16 +236,20 @@ pub async fn run(
     }
 }
 
-async fn capture<R: AsyncRead + Unpin>(stream: Option<R>) -> Captured {
+/// Reads `stream` to its end into `out`, shared so that what was read survives the
+/// task being aborted.
+async fn capture<R: AsyncRead + Unpin>(stream: Option<R>, out: Arc<Mutex<Captured>>) {
     let Some(mut stream) = stream else {
-        return Captured::default();
+        return;
     };
-    let mut out = Captured::default();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         match stream.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                let Ok(mut out) = out.lock() else {
+                    break;
+                };
                 out.total += n as u64;
                 out.tail.extend_from_slice(&buf[..n]);
                 if out.tail.len() > CAPTURE_LIMIT {
@@ -227,7 +259,13 @@ async fn capture<R: AsyncRead + Unpin>(stream: Option<R>) -> Captured {
             }
         }
     }
-    out
+}
+
+fn take_captured(shared: &Mutex<Captured>) -> Captured {
+    shared
+        .lock()
+        .map(|mut c| std::mem::take(&mut *c))
+        .unwrap_or_default()
 }
 
 /// Readable text of a captured stream: ANSI colour codes removed (syft and grype colour
@@ -346,6 +384,42 @@ mod tests {
             tries += 1;
         }
         assert!(!alive(&pid), "grandchild {pid} outlived the timeout");
+    }
+
+    #[tokio::test]
+    async fn a_process_outside_the_group_holding_the_pipes_does_not_hold_up_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("escaped.pid");
+        // The sleeper gets a session of its own (out of reach of killpg) and keeps
+        // stdout and stderr open; the shell writes its last words and exits 3.
+        let script = format!(
+            "setsid sh -c 'echo $$ > {p}; exec sleep 300' & \
+             while [ ! -s {p} ]; do sleep 0.05; done; echo last words >&2; exit 3",
+            p = pidfile.display()
+        );
+        let done = tokio::time::timeout(
+            DRAIN_GRACE * 6,
+            run(
+                &sh(&script),
+                Duration::from_secs(600),
+                &CancellationToken::new(),
+            ),
+        )
+        .await;
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(alive(&pid.to_string()), "the sleeper outlived the group");
+        if pid > 1 {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        let done = done
+            .expect("run returned while the pipes were still held")
+            .unwrap();
+        assert_eq!(done.status.code(), Some(3));
+        assert_eq!(readable_tail(&done.stderr, 100), "last words");
     }
 
     #[tokio::test]
