@@ -1,9 +1,11 @@
 //! The CLI commands that work on the state and the DB directly, not through a running
-//! daemon: `report`, `db status`, `db update`, `db import`.
+//! daemon: `report`, `state rebuild`, `db status`, `db update`, `db import`.
 //!
-//! The store admits one process at a time, so `report`, `db update` and `db import`
-//! refuse to run next to a daemon on the same `state.dir` (an update must not replace the
-//! DB under the daemon's scans). `db status` only reads grype's status and works anyway.
+//! The store admits one process at a time, so `report`, `state rebuild`, `db update` and
+//! `db import` refuse to run next to a daemon on the same `state.dir` (exit 64; an update
+//! must not replace the DB under the daemon's scans). A store that is damaged, has a
+//! corrupt record or was written by a newer version is refused the same way, with the
+//! store's path and what is wrong. `db status` only reads grype's status and works anyway.
 
 use std::path::Path;
 
@@ -33,10 +35,7 @@ impl CommandError {
     }
 
     fn store(e: StateError) -> Self {
-        let setup = matches!(
-            e,
-            StateError::Locked { .. } | StateError::NewerSchema { .. } | StateError::Corrupt { .. }
-        );
+        let setup = e.is_unusable_store();
         let mut message = error_chain(&e);
         if matches!(e, StateError::Locked { .. }) {
             message.push_str("; stop the daemon first (or use its API)");
@@ -48,7 +47,7 @@ impl CommandError {
 /// `report`: the store as a table or JSON lines.
 pub fn report(config: &Config, json: bool) -> Result<String, CommandError> {
     let store = Store::open(&config.state_dir).map_err(CommandError::store)?;
-    let images = store.all_images().map_err(|e| CommandError::runtime(&e))?;
+    let images = store.all_images().map_err(CommandError::store)?;
     if json {
         let mut out = String::new();
         for image in &images {
@@ -58,6 +57,27 @@ pub fn report(config: &Config, json: bool) -> Result<String, CommandError> {
         Ok(out)
     } else {
         Ok(crate::report::render_table(&images))
+    }
+}
+
+/// `state rebuild`: a new store from the output dir and the SBOM cache
+/// ([`crate::rebuild`]). Exit 64 when another process holds the store, 1 when nothing
+/// could be rebuilt from a non-empty output dir.
+pub async fn state_rebuild(config: &Config) -> Result<String, CommandError> {
+    match crate::rebuild::rebuild(config, Utc::now()).await {
+        Ok(summary) => Ok(summary.render()),
+        Err(crate::rebuild::RebuildError::State(e)) => Err(CommandError::store(e)),
+        Err(e) => {
+            let mut message = error_chain(&e);
+            if let crate::rebuild::RebuildError::Nothing { summary, .. } = &e {
+                message.push('\n');
+                message.push_str(summary.render().trim_end());
+            }
+            Err(CommandError {
+                message,
+                setup: e.is_setup_error(),
+            })
+        }
     }
 }
 

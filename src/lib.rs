@@ -25,6 +25,7 @@
 //! | [`logging`] | text on a terminal, JSON lines otherwise |
 //! | [`report`] | a readable table of what the store knows |
 //! | [`commands`] | `report` and `db status/update/import` from the command line |
+//! | [`rebuild`] | `state rebuild`: a new store from the output dir and SBOM cache |
 //!
 //! Data flows one way: schedule tick → watcher pass → due digests → worker → result
 //! files → state. State is committed only after the file it refers to is complete.
@@ -42,6 +43,7 @@ pub mod failures;
 pub mod logging;
 pub mod output;
 pub mod queue;
+pub mod rebuild;
 pub mod registry;
 pub mod report;
 pub mod scanner;

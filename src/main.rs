@@ -1,7 +1,11 @@
 //! The `spcs-image-scanner` binary: parses the command line, loads the config, starts
 //! logging and calls into the library. The only place that prints the final error and
 //! picks the exit code: 0 ok, 1 a runtime failure (or a failed scan in `once`), 64 bad
-//! config or usage, 130 forced stop.
+//! config or usage, or a state store that cannot be used as it is (locked by another
+//! process, damaged, a corrupt record, a newer schema), 130 forced stop.
+//!
+//! `state rebuild` ([`spcs_image_scanner::rebuild`]) makes a new store from the output
+//! dir and the SBOM cache when the store is lost or damaged; the old one is moved aside.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 use spcs_image_scanner::client::{self, RescanScope};
 use spcs_image_scanner::commands::{self, CommandError};
 use spcs_image_scanner::config::{Config, Environment};
-use spcs_image_scanner::daemon::{Daemon, STOP_DEADLINE};
+use spcs_image_scanner::daemon::{Daemon, DaemonError, STOP_DEADLINE};
 use spcs_image_scanner::scanner::error_chain;
+use spcs_image_scanner::worker::WorkerError;
 use spcs_image_scanner::{logging, shutdown};
 
 const EXIT_FAILURE: u8 = 1;
@@ -83,6 +88,20 @@ enum Command {
         #[command(subcommand)]
         command: DbCommand,
     },
+    /// The state store (state.dir/db).
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StateCommand {
+    /// Rebuild a lost or damaged store from output.dir (results, SBOMs, inventory) and
+    /// the SBOM cache: the old store is moved to state.dir/db.corrupt-<UTC timestamp>,
+    /// never deleted. Refused while another process holds the store (exit 64); exit 1
+    /// when nothing could be rebuilt from a non-empty output dir (the old store stays).
+    Rebuild,
 }
 
 #[derive(Debug, Subcommand)]
@@ -193,6 +212,12 @@ fn main() -> ExitCode {
             }
         });
     }
+    if let Command::State {
+        command: StateCommand::Rebuild,
+    } = cli.command
+    {
+        return finish(runtime.block_on(commands::state_rebuild(&config)));
+    }
     runtime.block_on(async_main(cli.command, config))
 }
 
@@ -209,8 +234,12 @@ async fn async_main(command: Command, config: Config) -> ExitCode {
         let daemon = match Daemon::open(config).await {
             Ok(d) => d,
             Err(e) => {
-                tracing::error!(error = %error_chain(&e), "cannot start");
-                return ExitCode::from(if e.is_setup_error() {
+                let text = error_chain(&e);
+                tracing::error!(error = %text, "cannot start");
+                // Also on stderr: the log may be JSON on stdout, and an operator starting
+                // the daemon by hand must see why it did not start.
+                eprintln!("error: cannot start: {text}");
+                return ExitCode::from(if e.is_setup_error() || unusable_store(&e) {
                     EXIT_USAGE
                 } else {
                     EXIT_FAILURE
@@ -234,6 +263,7 @@ async fn async_main(command: Command, config: Config) -> ExitCode {
             Command::CheckConfig
             | Command::Report { .. }
             | Command::Db { .. }
+            | Command::State { .. }
             | Command::Status { .. }
             | Command::Rescan { .. } => ExitCode::SUCCESS,
         }
@@ -251,6 +281,17 @@ async fn async_main(command: Command, config: Config) -> ExitCode {
             tracing::error!(deadline = ?STOP_DEADLINE, "graceful stop overran its deadline; exiting");
             ExitCode::from(EXIT_FAILURE)
         }
+    }
+}
+
+/// A store that cannot be used as it is (damaged, corrupt, newer, locked), found when
+/// opening it or during start-up recovery: the operator must act (exit 64).
+fn unusable_store(e: &DaemonError) -> bool {
+    match e {
+        DaemonError::State(s) | DaemonError::Recovery(WorkerError::State(s)) => {
+            s.is_unusable_store()
+        }
+        _ => false,
     }
 }
 

@@ -4,6 +4,8 @@
 //! Everything sled-specific stays in this module (open, get, atomic batch, prefix scan,
 //! flush), so the engine can be swapped. Keys:
 //! - `meta/schema` → the schema version ([`SCHEMA_VERSION`]);
+//! - `meta/commit` → the number of the last commit (also kept in the file
+//!   `state.dir/db/spcs-commit`, to tell a log cut short from a complete one);
 //! - `tag/<repository>\0<tag>` → [`TagRecord`];
 //! - `img/<digest>` → [`ImageRecord`] (what is scanned, or recorded as unsupported);
 //! - `idx/<digest>` → [`IndexRecord`] (an index resolved to its platform child).
@@ -14,6 +16,12 @@
 //! - One process per store (sled's file lock): a second opener gets
 //!   [`StateError::Locked`].
 //! - A store written by a newer schema is refused, never rewritten.
+//! - A store that sled cannot read (garbage over its files, a truncated file) or whose
+//!   records do not parse is refused at [`Store::open`] with [`StateError::Damaged`] or
+//!   [`StateError::Corrupt`], naming the path: open reads every record once, so a damaged
+//!   page is found at start-up, not in the middle of a cycle. A panic inside sled while
+//!   opening or reading is caught and reported the same way. `state rebuild`
+//!   ([`crate::rebuild`]) moves such a store aside ([`retire`]) and rebuilds a new one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -37,6 +45,14 @@ const INDEX_PREFIX: &str = "idx/";
 const CHANGE_PREFIX: &str = "chg/";
 const VULNDB_KEY: &[u8] = b"meta/vulndb";
 const CHANGES_FLUSH_KEY: &[u8] = b"meta/changes_flush";
+/// The number of the last commit, written in every commit's batch.
+const COMMIT_KEY: &[u8] = b"meta/commit";
+/// The same number in a file next to sled's (inside `state.dir/db`, so it moves with the
+/// store), written once the store is set up and after each commit is flushed. sled, with
+/// no snapshot, reads a log cut short (a truncated file, garbage over its tail) as "it
+/// ends here" and opens without an error, fewer records in it: a store whose commit
+/// number is behind the file's lost committed records, and is refused.
+const COMMIT_MARKER: &str = "spcs-commit";
 
 /// Tries, and the wait between them, before a locked store is reported as held by
 /// another process (about one second in all).
@@ -74,6 +90,20 @@ pub enum StateError {
         #[source]
         source: serde_json::Error,
     },
+    /// sled cannot read the store: its files are damaged (garbage, truncated), or were
+    /// written by an incompatible sled; or sled panicked reading them.
+    #[error(
+        "state {path}: the store is damaged and cannot be read ({detail}); run `spcs-image-scanner state rebuild` to move it aside and rebuild it from output.dir"
+    )]
+    Damaged { path: PathBuf, detail: String },
+    /// The old store cannot be moved aside (`state rebuild`).
+    #[error("state {from}: cannot move it aside to {to}")]
+    Retire {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The state directory cannot be created.
     #[error("state {path}: cannot create directory")]
     CreateDir {
@@ -81,6 +111,21 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl StateError {
+    /// True when the store itself cannot be used as it is (held by another process,
+    /// newer, damaged, a record corrupt): the operator must act, so commands exit 64
+    /// rather than 1.
+    pub fn is_unusable_store(&self) -> bool {
+        matches!(
+            self,
+            StateError::Locked { .. }
+                | StateError::NewerSchema { .. }
+                | StateError::Corrupt { .. }
+                | StateError::Damaged { .. }
+        )
+    }
 }
 
 /// Where a digest is in its life.
@@ -325,6 +370,9 @@ pub struct StatusCounts {
 pub struct Store {
     db: sled::Db,
     path: PathBuf,
+    /// The last commit's number; held across a commit so numbers follow the order in
+    /// which batches are applied.
+    commits: tokio::sync::Mutex<u64>,
 }
 
 /// Changes applied together by [`Store::commit`].
@@ -388,32 +436,32 @@ fn tag_key(repository: &str, tag: &str) -> String {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir/db` and checks its schema version.
+    /// Opens (or creates) the store in `dir/db`, checks its schema version and reads
+    /// every record once (see the module docs).
     pub fn open(dir: &Path) -> Result<Store, StateError> {
         std::fs::create_dir_all(dir).map_err(|source| StateError::CreateDir {
             path: dir.to_path_buf(),
             source,
         })?;
         let path = dir.join("db");
-        let mut tries = 0;
-        let db = loop {
-            match sled::Config::new().path(&path).open() {
-                Ok(db) => break db,
-                // sled releases its file lock from a background thread shortly after the
-                // last handle is dropped: a store closed a moment ago may still look
-                // locked. Wait a little before calling it held by another process.
-                Err(e) if e.to_string().contains("could not acquire lock") => {
-                    tries += 1;
-                    if tries >= LOCK_RETRIES {
-                        return Err(StateError::Locked { path });
-                    }
-                    std::thread::sleep(LOCK_RETRY_WAIT);
-                }
-                Err(source) => return Err(StateError::Storage { path, source }),
-            }
+        // A store is set up by writing its schema version, flushing it, then the commit
+        // marker: a store with a marker and no schema version lost its records (sled, with
+        // no snapshot, reads garbage as "the log ends here" and opens empty). Without a
+        // marker the set-up never finished (a kill during the first start): set up again.
+        let existed = std::fs::symlink_metadata(path.join(COMMIT_MARKER)).is_ok();
+        let db = open_sled(&path)?;
+        let mut store = Store {
+            db,
+            path,
+            commits: tokio::sync::Mutex::new(0),
         };
-        let store = Store { db, path };
         match store.raw_get(SCHEMA_KEY)? {
+            None if existed => {
+                return Err(StateError::Damaged {
+                    path: store.path.clone(),
+                    detail: "its files hold no readable record, not even the schema version, though the store was set up before".into(),
+                });
+            }
             None => {
                 store.raw_insert(SCHEMA_KEY, SCHEMA_VERSION.to_string().as_bytes())?;
                 store.flush_blocking()?;
@@ -422,10 +470,12 @@ impl Store {
                 let found: u32 = std::str::from_utf8(&bytes)
                     .ok()
                     .and_then(|s| s.trim().parse().ok())
-                    .ok_or_else(|| StateError::Corrupt {
+                    .ok_or_else(|| StateError::Damaged {
                         path: store.path.clone(),
-                        key: "meta/schema".into(),
-                        source: serde_json::from_str::<u32>("x").unwrap_err(),
+                        detail: format!(
+                            "the schema version {:?} is not a number",
+                            String::from_utf8_lossy(&bytes.as_ref()[..bytes.len().min(40)])
+                        ),
                     })?;
                 if found > SCHEMA_VERSION {
                     return Err(StateError::NewerSchema {
@@ -436,7 +486,85 @@ impl Store {
                 // Older versions: migrations go here when SCHEMA_VERSION is bumped.
             }
         }
+        // After the schema check: records of a newer schema need not parse.
+        store.verify()?;
+        let last = store.check_commits()?;
+        *store.commits.get_mut() = last;
         Ok(store)
+    }
+
+    /// The store's last commit number, refused when it is behind the marker file (see
+    /// [`COMMIT_MARKER`]).
+    fn check_commits(&self) -> Result<u64, StateError> {
+        let damaged = |detail: String| StateError::Damaged {
+            path: self.path.clone(),
+            detail,
+        };
+        let stored = match self.raw_get(COMMIT_KEY)? {
+            None => 0,
+            Some(bytes) => std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| damaged("its commit number is not a number".into()))?,
+        };
+        let marker = self.path.join(COMMIT_MARKER);
+        match std::fs::read(&marker) {
+            Ok(bytes) => {
+                let done = std::str::from_utf8(&bytes)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .ok_or_else(|| {
+                        damaged(format!("{} is not a commit number", marker.display()))
+                    })?;
+                if done > stored {
+                    return Err(damaged(format!(
+                        "it ends at commit {stored}, but commit {done} was completed: committed records are missing (a truncated or overwritten log)"
+                    )));
+                }
+            }
+            // Just set up, or from a version before the marker: tracking starts now.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.write_marker(stored),
+            Err(e) => return Err(damaged(format!("{}: {e}", marker.display()))),
+        }
+        Ok(stored)
+    }
+
+    /// Reads every record and parses the known kinds: sled checks each page's CRC when
+    /// it reads it, so a damaged page is found here rather than by a later cycle.
+    fn verify(&self) -> Result<(), StateError> {
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for item in self.db.iter() {
+                let (key, value) = item.map_err(|source| self.damaged_or_storage(source))?;
+                let text = String::from_utf8_lossy(&key);
+                let parsed = if text.starts_with(TAG_PREFIX) {
+                    serde_json::from_slice::<TagRecord>(&value).map(drop)
+                } else if text.starts_with(IMAGE_PREFIX) {
+                    serde_json::from_slice::<ImageRecord>(&value).map(drop)
+                } else if text.starts_with(INDEX_PREFIX) {
+                    serde_json::from_slice::<IndexRecord>(&value).map(drop)
+                } else if text.starts_with(CHANGE_PREFIX) {
+                    serde_json::from_slice::<ChangeRecord>(&value).map(drop)
+                } else if *key == *VULNDB_KEY {
+                    serde_json::from_slice::<DbState>(&value).map(drop)
+                } else if *key == *CHANGES_FLUSH_KEY {
+                    serde_json::from_slice::<ChangesFlush>(&value).map(drop)
+                } else {
+                    Ok(())
+                };
+                parsed.map_err(|source| StateError::Corrupt {
+                    path: self.path.clone(),
+                    key: text.escape_debug().to_string(),
+                    source,
+                })?;
+            }
+            Ok(())
+        }));
+        caught.unwrap_or_else(|panic| {
+            Err(StateError::Damaged {
+                path: self.path.clone(),
+                detail: format!("sled panicked reading it: {}", panic_text(&panic)),
+            })
+        })
     }
 
     /// The schema version stored.
@@ -581,11 +709,17 @@ impl Store {
         self.commit(batch).await
     }
 
-    /// Applies `batch` atomically and flushes it to disk.
-    pub async fn commit(&self, batch: Batch) -> Result<(), StateError> {
+    /// Applies `batch` atomically, with the next commit number, flushes it to disk, then
+    /// records the number in the marker file.
+    pub async fn commit(&self, mut batch: Batch) -> Result<(), StateError> {
         if batch.is_empty() {
             return Ok(());
         }
+        let mut last = self.commits.lock().await;
+        let next = *last + 1;
+        batch
+            .inner
+            .insert(COMMIT_KEY, next.to_string().into_bytes());
         self.db
             .apply_batch(batch.inner)
             .map_err(|source| self.storage(source))?;
@@ -593,7 +727,21 @@ impl Store {
             .flush_async()
             .await
             .map_err(|source| self.storage(source))?;
+        *last = next;
+        // After the flush, so the marker is never ahead of what is on disk.
+        self.write_marker(next);
         Ok(())
+    }
+
+    /// Records `commit` as completed (temp file and rename: never a torn number). Best
+    /// effort: the commit is durable either way, and a stale marker only weakens the
+    /// check in [`Store::open`].
+    fn write_marker(&self, commit: u64) {
+        let marker = self.path.join(COMMIT_MARKER);
+        let tmp = self.path.join(format!("{COMMIT_MARKER}.tmp"));
+        if std::fs::write(&tmp, commit.to_string()).is_ok() {
+            let _ = std::fs::rename(&tmp, &marker);
+        }
     }
 
     /// Flushes everything written so far.
@@ -615,6 +763,10 @@ impl Store {
             path: self.path.clone(),
             source,
         }
+    }
+
+    fn damaged_or_storage(&self, source: sled::Error) -> StateError {
+        classify(&self.path, source)
     }
 
     fn raw_get(&self, key: &[u8]) -> Result<Option<sled::IVec>, StateError> {
@@ -656,6 +808,133 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// Opens sled at `path`, telling a lock held by another process, damaged files and a
+/// panic inside sled apart from other I/O errors.
+fn open_sled(path: &Path) -> Result<sled::Db, StateError> {
+    let mut tries = 0;
+    loop {
+        let opened = std::panic::catch_unwind(|| sled::Config::new().path(path).open());
+        match opened {
+            Ok(Ok(db)) => return Ok(db),
+            // sled releases its file lock from a background thread shortly after the
+            // last handle is dropped: a store closed a moment ago may still look
+            // locked. Wait a little before calling it held by another process.
+            Ok(Err(e)) if is_lock_error(&e) => {
+                tries += 1;
+                if tries >= LOCK_RETRIES {
+                    return Err(StateError::Locked {
+                        path: path.to_path_buf(),
+                    });
+                }
+                std::thread::sleep(LOCK_RETRY_WAIT);
+            }
+            Ok(Err(e)) => return Err(classify(path, e)),
+            Err(panic) => {
+                return Err(StateError::Damaged {
+                    path: path.to_path_buf(),
+                    detail: format!("sled panicked opening it: {}", panic_text(&panic)),
+                });
+            }
+        }
+    }
+}
+
+fn is_lock_error(e: &sled::Error) -> bool {
+    e.to_string().contains("could not acquire lock")
+}
+
+/// sled's verdict on its files: corruption, an incompatible format or an internal bug
+/// say the files are damaged; an I/O error that means "the bytes are not what was
+/// written" (short file, invalid data) too. Other I/O errors (permissions, disk) stay
+/// storage errors.
+fn classify(path: &Path, source: sled::Error) -> StateError {
+    let damaged = match &source {
+        sled::Error::Corruption { .. }
+        | sled::Error::Unsupported(_)
+        | sled::Error::ReportableBug(_) => true,
+        sled::Error::Io(io) => matches!(
+            io.kind(),
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData
+        ),
+        _ => false,
+    };
+    if damaged {
+        StateError::Damaged {
+            path: path.to_path_buf(),
+            detail: format!("sled: {source}"),
+        }
+    } else {
+        StateError::Storage {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
+
+/// What [`retire`] did with an old store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Retired {
+    /// There was no `state.dir/db`.
+    Absent,
+    /// Moved to `to`; `damaged` says why it could not be opened, if it could not.
+    Moved {
+        to: PathBuf,
+        damaged: Option<String>,
+    },
+}
+
+/// Fails with [`StateError::Locked`] when another process holds the store in `dir/db`;
+/// a missing or unreadable store is not held by anyone. Nothing is created or moved.
+pub fn ensure_not_locked(dir: &Path) -> Result<(), StateError> {
+    let path = dir.join("db");
+    if std::fs::symlink_metadata(&path).is_err() {
+        return Ok(());
+    }
+    match open_sled(&path) {
+        Err(e @ StateError::Locked { .. }) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Moves the store `dir/db` aside to `dir/db.corrupt-<UTC timestamp>` (never deletes
+/// it), unless another process holds it ([`StateError::Locked`]). A readable store is
+/// kept open (and so locked) while it is renamed, so no daemon can start on it in
+/// between.
+pub fn retire(dir: &Path, now: DateTime<Utc>) -> Result<Retired, StateError> {
+    let path = dir.join("db");
+    if std::fs::symlink_metadata(&path).is_err() {
+        return Ok(Retired::Absent);
+    }
+    let (held, damaged) = match open_sled(&path) {
+        Ok(db) => (Some(db), None),
+        Err(e @ StateError::Locked { .. }) => return Err(e),
+        Err(e) => (None, Some(crate::scanner::error_chain(&e))),
+    };
+    let stamp = crate::output::timestamp(now);
+    let mut to = dir.join(format!("db.corrupt-{stamp}"));
+    let mut n = 1;
+    while std::fs::symlink_metadata(&to).is_ok() {
+        to = dir.join(format!("db.corrupt-{stamp}-{n}"));
+        n += 1;
+    }
+    let renamed = std::fs::rename(&path, &to);
+    drop(held);
+    renamed.map_err(|source| StateError::Retire {
+        from: path.clone(),
+        to: to.clone(),
+        source,
+    })?;
+    Ok(Retired::Moved { to, damaged })
 }
 
 #[cfg(test)]
@@ -736,6 +1015,49 @@ mod tests {
         assert!(
             matches!(err, StateError::NewerSchema { found: 999, .. }),
             "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_store_behind_its_commit_marker_is_refused_as_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let mut batch = Batch::default();
+            batch.put_image(&ImageRecord::new(digest('c'), "m".into(), Utc::now()));
+            store.commit(batch).await.unwrap();
+        }
+        let marker = dir.path().join("db").join(COMMIT_MARKER);
+        assert_eq!(std::fs::read_to_string(&marker).unwrap(), "1");
+        // As if the log had lost its last commits.
+        std::fs::write(&marker, "3").unwrap();
+        let err = Store::open(dir.path()).err().expect("refused");
+        assert!(matches!(err, StateError::Damaged { .. }), "{err}");
+        assert!(err.to_string().contains("commit 3"), "{err}");
+        assert!(err.is_unusable_store());
+    }
+
+    #[test]
+    fn retire_moves_a_store_aside_and_refuses_a_held_one() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(retire(dir.path(), Utc::now()).unwrap(), Retired::Absent);
+        let held = Store::open(dir.path()).unwrap();
+        assert!(matches!(
+            retire(dir.path(), Utc::now()),
+            Err(StateError::Locked { .. })
+        ));
+        assert!(ensure_not_locked(dir.path()).is_err());
+        drop(held);
+        let Retired::Moved { to, damaged } = retire(dir.path(), Utc::now()).unwrap() else {
+            panic!("moved");
+        };
+        assert_eq!(damaged, None);
+        assert!(to.join("conf").exists() && !dir.path().join("db").exists());
+        assert!(
+            to.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("db.corrupt-")
         );
     }
 
