@@ -7,7 +7,8 @@
 //!   [`Control::submit`](crate::control::Control::submit) and answered at once (202).
 //! - Bad input gets 400 with `{"error": ..., "field": ...}`; an unknown image or request
 //!   404; bodies over `api.max_body_bytes` 413; a request running longer than
-//!   `api.request_timeout` 408.
+//!   `api.request_timeout` 408; a connection that delivers no complete request head
+//!   within twice that (a slowloris client, an idle keep-alive) is closed.
 //! - Nothing secret is ever in a response: the config summary holds file paths, not
 //!   their content, and the event secret is compared, never echoed.
 //! - Registry data (names, tags, errors) is escaped on the HTML page.
@@ -55,6 +56,12 @@ pub async fn serve(
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    // The timeout layer only runs once a request head has been parsed; a client that
+    // trickles its head byte by byte would hold a connection (and a task) for ever.
+    let listener = DeadlineListener {
+        inner: listener,
+        limit: head_deadline(handles.config.get().api.request_timeout),
+    };
     let app = router(handles);
     info!(listen = %local, "HTTP API listening");
     Ok(tokio::spawn(async move {
@@ -68,9 +75,154 @@ pub async fn serve(
     }))
 }
 
+/// How long a connection may take to deliver a request, counted from its opening or
+/// from the last bytes of an answer: twice `api.request_timeout`, so that a request
+/// whose head arrived in time but whose body stalls still gets its 408 from the timeout
+/// layer before the connection is dropped.
+fn head_deadline(request_timeout: Duration) -> Duration {
+    request_timeout.saturating_mul(2)
+}
+
+/// A TCP listener whose connections are closed when a request does not arrive in time
+/// (see [`DeadlineStream`]).
+struct DeadlineListener {
+    inner: tokio::net::TcpListener,
+    limit: Duration,
+}
+
+impl axum::serve::Listener for DeadlineListener {
+    type Io = DeadlineStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, addr)) => {
+                    let deadline = tokio::time::Instant::now() + self.limit;
+                    return (
+                        DeadlineStream {
+                            inner: stream,
+                            limit: self.limit,
+                            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+                        },
+                        addr,
+                    );
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    warn!(error = %e, "HTTP API cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection with a deadline for reading: reads fail with `TimedOut` once `limit`
+/// has passed since the connection opened or since the server last wrote to it, so
+/// a slow or silent client (slowloris, an idle keep-alive) is cut off. Writes move the
+/// deadline on: a client reading its answers is not a slow one.
+struct DeadlineStream {
+    inner: tokio::net::TcpStream,
+    limit: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl DeadlineStream {
+    fn timed_out(&self) -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no complete request within {}",
+                humantime::format_duration(self.limit)
+            ),
+        )
+    }
+}
+
+impl tokio::io::AsyncRead for DeadlineStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        let this = &mut *self;
+        // Checked before reading: a trickling client always has a byte ready.
+        if tokio::time::Instant::now() >= this.deadline.deadline() {
+            return Poll::Ready(Err(this.timed_out()));
+        }
+        match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(this.timed_out())),
+                Poll::Pending => Poll::Pending,
+            },
+            ready => ready,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for DeadlineStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let result = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &result {
+            if *n > 0 {
+                let next = tokio::time::Instant::now() + this.limit;
+                this.deadline.as_mut().reset(next);
+            }
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let result = std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let std::task::Poll::Ready(Ok(n)) = &result {
+            if *n > 0 {
+                let next = tokio::time::Instant::now() + this.limit;
+                this.deadline.as_mut().reset(next);
+            }
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// The routes, with body-size and time limits.
 pub fn router(handles: Handles) -> Router {
     let config = handles.config.get();
+    let max_body = config.api.max_body_bytes;
     Router::new()
         .route("/", get(page))
         .route("/healthz", get(healthz))
@@ -85,11 +237,38 @@ pub fn router(handles: Handles) -> Router {
         .route(REGISTRY_EVENTS_PATH, post(registry_events))
         .fallback(|| async { error(StatusCode::NOT_FOUND, None, "no such endpoint") })
         .layer(DefaultBodyLimit::max(config.api.max_body_bytes))
+        // Refuses a body whose announced length is over the limit at once (the
+        // extractor's own limit only trips once that much has arrived).
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            config.api.max_body_bytes,
+        ))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             config.api.request_timeout,
         ))
+        .layer(axum::middleware::map_response(
+            move |response: Response| async move { unread_body(response, max_body) },
+        ))
         .with_state(handles)
+}
+
+/// A 413 or 408 is answered before the request body has been read: the JSON error
+/// shape every other error has, and `Connection: close`, because the unread rest of
+/// the body makes the connection unusable and a client that reused it would see its
+/// next request fail.
+fn unread_body(response: Response, max_body: usize) -> Response {
+    let message = match response.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            format!("request body over api.max_body_bytes ({max_body} bytes)")
+        }
+        StatusCode::REQUEST_TIMEOUT => "request not completed within api.request_timeout".into(),
+        _ => return response,
+    };
+    let mut answer = error(response.status(), None, message);
+    answer
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    answer
 }
 
 /// An error answer: `{"error": ..., "field": ...}`.
@@ -142,6 +321,16 @@ fn bad_field(e: FieldError) -> Response {
 
 /// Parses a JSON body, naming the field at fault.
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    // Every body this API takes is an object; serde would also read a struct from an
+    // array by position (`["all"]` as `{"scope": "all"}`), which no caller means.
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|&b| b != b'{') {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            Some("body"),
+            "invalid JSON body: expected a JSON object",
+        ));
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let parsed: Result<T, _> = serde_path_to_error::deserialize(&mut de);
     let value = parsed.map_err(|e| {
@@ -1125,5 +1314,20 @@ mod tests {
         let r = parse_json::<RescanBody>(b"{oops").unwrap_err();
         assert_eq!(r.field.as_deref(), Some("body"));
         assert!(parse_json::<RescanBody>(br#"{"scope": "all"}"#).is_ok());
+    }
+
+    #[test]
+    fn a_body_that_is_not_an_object_is_refused_even_if_serde_could_read_it() {
+        let bodies: [&[u8]; 4] = [br#"["all"]"#, br#" ["all", null, true]"#, br#""all""#, b"5"];
+        for body in bodies {
+            let r = parse_json::<RescanBody>(body).unwrap_err();
+            assert_eq!(
+                (r.status, r.field.as_deref()),
+                (StatusCode::BAD_REQUEST, Some("body")),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert!(parse_json::<RescanBody>(b" \n {\"scope\": \"all\"}").is_ok());
     }
 }

@@ -601,14 +601,36 @@ impl Config {
                     path: path.to_path_buf(),
                     message: e.to_string().trim_end().to_string(),
                 })?;
-        apply_env_overrides(&mut table, env)?;
-        let raw: RawConfig =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let overridden = apply_env_overrides(&mut table, env, &origin)?;
+        // A bad value that came from the environment names the variable as well as the
+        // file: the operator reading only the file would find nothing wrong in it.
+        let blame = |e: ConfigError| match e {
+            ConfigError::Key {
+                origin,
+                key,
+                message,
+            } => match overridden.get(&key) {
+                Some(var) => ConfigError::Key {
+                    origin: env_origin(&origin, var),
+                    key,
+                    message,
+                },
+                None => ConfigError::Key {
+                    origin,
+                    key,
+                    message,
+                },
+            },
+            other => other,
+        };
+        let raw: RawConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
                 let key = e.path().to_string();
                 let inner = e.into_inner();
                 ConfigError::key(&origin, &key, inner.message().to_string())
-            })?;
-        Self::validate(path, raw, env)
+            })
+            .map_err(blame)?;
+        Self::validate(path, raw, env).map_err(blame)
     }
 
     /// Validates every key of `raw`.
@@ -1168,44 +1190,57 @@ pub fn is_loopback_host(host: &str) -> bool {
 
 /// Applies `SCANNER__SECTION__KEY=value` variables. The value is read according to
 /// the type the key has in the defaults: strings verbatim, numbers and booleans parsed,
-/// lists as a TOML array (`["a","b"]`) or comma-separated.
-fn apply_env_overrides(table: &mut toml::Table, env: &Environment) -> Result<(), ConfigError> {
+/// lists as a TOML array (`["a","b"]`) or comma-separated. Returns which variable set
+/// each dotted key; errors name the file (`file`) and the variable.
+fn apply_env_overrides(
+    table: &mut toml::Table,
+    env: &Environment,
+    file: &str,
+) -> Result<BTreeMap<String, String>, ConfigError> {
     let defaults = toml::Table::try_from(RawConfig::default()).unwrap_or_default();
+    let mut overridden = BTreeMap::new();
     for (name, value) in &env.vars {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
         };
+        let origin = env_origin(file, name);
         let parts: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
         let key = parts.join(".");
         let [section, field] = parts.as_slice() else {
             return Err(ConfigError::key(
-                name,
+                &origin,
                 &key,
                 "expected SCANNER__<SECTION>__<KEY>, e.g. SCANNER__REGISTRY__URL",
             ));
         };
         let Some(default) = defaults.get(section).and_then(|s| s.get(field)) else {
-            return Err(ConfigError::key(name, &key, "unknown key"));
+            return Err(ConfigError::key(&origin, &key, "unknown key"));
         };
         let parsed =
-            parse_env_value(default, value).map_err(|m| ConfigError::key(name, &key, m))?;
+            parse_env_value(default, value).map_err(|m| ConfigError::key(&origin, &key, m))?;
         let section_table = table
             .entry(section.clone())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         match section_table {
             toml::Value::Table(t) => {
                 t.insert(field.clone(), parsed);
+                overridden.insert(key.clone(), name.clone());
             }
             _ => {
                 return Err(ConfigError::key(
-                    name,
+                    &origin,
                     section,
                     "is not a table in the config file",
                 ));
             }
         }
     }
-    Ok(())
+    Ok(overridden)
+}
+
+/// Where a value set by environment variable `var` came from, as errors show it.
+fn env_origin(file: &str, var: &str) -> String {
+    format!("{file} (environment variable {var})")
 }
 
 fn parse_env_value(default: &toml::Value, value: &str) -> Result<toml::Value, String> {
@@ -1468,6 +1503,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("registry.nope") && e.contains("unknown"), "{e}");
+    }
+
+    #[test]
+    fn an_env_value_that_fails_validation_names_the_variable_and_the_file() {
+        // The file holds a good value; the error must point at the variable that
+        // replaced it, not only at the file.
+        let e = load(MINIMAL, &[("SCANNER__REGISTRY__CONCURRENCY", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("test.toml")
+                && e.contains("SCANNER__REGISTRY__CONCURRENCY")
+                && e.contains("registry.concurrency"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -788,7 +788,10 @@ impl Daemon {
                 continue;
             }
             let kind = match image.status {
-                ImageStatus::Unsupported | ImageStatus::Scanning => None,
+                ImageStatus::Unsupported => None,
+                // Being scanned now: the queue attaches the request to the running scan
+                // (forced or not), so the request reports that scan's outcome.
+                ImageStatus::Scanning => Some(JobKind::Scan),
                 _ if force => Some(JobKind::Scan),
                 ImageStatus::Pending | ImageStatus::Failed => Some(JobKind::Scan),
                 ImageStatus::Scanned => match (&image.last_scan, &build) {

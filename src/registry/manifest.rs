@@ -115,7 +115,9 @@ pub fn classify(bytes: &[u8], platform: &Platform) -> ManifestKind {
         }
     });
     let unsupported = |reason: String| ManifestKind::Unsupported {
-        media_type: media_type.clone(),
+        // Registry text, kept in state and shown by the API, the CLI and the page:
+        // bounded and without control characters.
+        media_type: show(&media_type),
         reason,
     };
     match media_type.as_str() {
@@ -144,7 +146,10 @@ pub fn classify(bytes: &[u8], platform: &Platform) -> ManifestKind {
         }
         OCI_MANIFEST | DOCKER_MANIFEST => {
             if let Some(at) = raw.artifact_type.as_deref().filter(|a| !a.is_empty()) {
-                return unsupported(format!("artifact of type {at}, not a container image"));
+                return unsupported(format!(
+                    "artifact of type {}, not a container image",
+                    show(at)
+                ));
             }
             let config = raw.config.map(|c| c.media_type).unwrap_or_default();
             if !IMAGE_CONFIGS.contains(&config.as_str()) {
@@ -188,12 +193,23 @@ fn platform_matches(p: &RawPlatform, want: &Platform) -> bool {
     }
 }
 
+/// A media type from the registry as it may be shown: at most 120 characters, and
+/// anything but printable ASCII (control characters, terminal escapes, bidi overrides;
+/// media types are ASCII) written as a `\u{..}` escape, so that a hostile manifest
+/// cannot reach an operator's terminal through `status` or `report`.
 fn show(media_type: &str) -> String {
     if media_type.is_empty() {
-        "(none)".to_string()
-    } else {
-        media_type.chars().take(120).collect()
+        return "(none)".to_string();
     }
+    let mut out = String::new();
+    for c in media_type.chars().take(120) {
+        if c.is_ascii_graphic() || c == ' ' {
+            out.push(c);
+        } else {
+            out.extend(c.escape_unicode());
+        }
+    }
+    out
 }
 
 /// A short human name for well-known non-image media types.
@@ -233,6 +249,35 @@ mod tests {
         })
         .to_string()
         .into_bytes()
+    }
+
+    #[test]
+    fn registry_text_in_a_reason_is_bounded_and_has_no_control_characters() {
+        let m = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": format!("application/\u{1b}[31mevil\u{0}\u{202e}{}", "x".repeat(500)),
+        })
+        .to_string();
+        let ManifestKind::Unsupported { media_type, reason } = classify(m.as_bytes(), &amd64())
+        else {
+            panic!("unsupported");
+        };
+        for text in [&media_type, &reason] {
+            assert!(
+                text.chars().all(|c| c.is_ascii_graphic() || c == ' '),
+                "{text:?}"
+            );
+            assert!(text.contains("\\u{1b}"), "{text:?}");
+            assert!(text.len() < 400, "{}", text.len());
+        }
+        let m = image(OCI_MANIFEST, &[]);
+        let mut v: serde_json::Value = serde_json::from_slice(&m).unwrap();
+        v["artifactType"] = "x/\u{7}bell".into();
+        let ManifestKind::Unsupported { reason, .. } = classify(v.to_string().as_bytes(), &amd64())
+        else {
+            panic!("unsupported");
+        };
+        assert!(!reason.contains('\u{7}'), "{reason:?}");
     }
 
     #[test]
