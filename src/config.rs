@@ -82,6 +82,18 @@ pub enum AuthMode {
     Spcs,
 }
 
+/// How the watcher learns an SPCS registry's images, tags and digests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ListingMode {
+    /// The OCI registry API: catalog, tag lists, one manifest HEAD per tag.
+    #[default]
+    Registry,
+    /// `SHOW IMAGES IN IMAGE REPOSITORY` through Snowflake's SQL API: one request per
+    /// image repository, the registry API as the fallback ([`crate::registry::spcs_sql`]).
+    Sql,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -140,6 +152,9 @@ pub struct RawRegistry {
     pub concurrency: i64,
     pub request_timeout: String,
     pub max_retries: i64,
+    pub listing: ListingMode,
+    pub sql_url: String,
+    pub sql_verify_sample: i64,
 }
 
 impl Default for RawRegistry {
@@ -162,6 +177,9 @@ impl Default for RawRegistry {
             concurrency: 16,
             request_timeout: "30s".to_string(),
             max_retries: 3,
+            listing: ListingMode::Registry,
+            sql_url: String::new(),
+            sql_verify_sample: 1,
         }
     }
 }
@@ -384,6 +402,23 @@ pub struct RegistryConfig {
     pub concurrency: usize,
     pub request_timeout: Duration,
     pub max_retries: u32,
+    /// `registry.listing`, with what the SQL listing needs.
+    pub listing: Listing,
+}
+
+/// How images, tags and digests are listed (`registry.listing`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listing {
+    /// Catalog, tag lists and a manifest HEAD per tag.
+    Registry,
+    /// `SHOW IMAGES IN IMAGE REPOSITORY` per `image_repositories` entry.
+    Sql {
+        /// The SQL API origin (`https://$SNOWFLAKE_HOST`, or `registry.sql_url`).
+        url: Url,
+        /// Tags per image repository whose SQL digest is compared with a registry HEAD
+        /// on every cycle after the first (the first compares every tag).
+        verify_sample: usize,
+    },
 }
 
 /// Credentials source; the secret itself stays in its file until needed.
@@ -747,6 +782,7 @@ impl Config {
             concurrency: positive(o, "registry.concurrency", r.concurrency, 1024)?,
             request_timeout: duration(o, "registry.request_timeout", &r.request_timeout)?,
             max_retries: non_negative(o, "registry.max_retries", r.max_retries, 20)?,
+            listing: listing(o, r, env)?,
         };
 
         let cron = raw.schedule.cron.trim().to_string();
@@ -1175,6 +1211,98 @@ fn parse_registry_url(
     let mut base = url.clone();
     base.set_path("");
     Ok((base, authority, plain_http))
+}
+
+/// `registry.listing` and the keys that go with `"sql"`.
+fn listing(origin: &str, r: &RawRegistry, env: &Environment) -> Result<Listing, ConfigError> {
+    if r.listing == ListingMode::Registry {
+        return Ok(Listing::Registry);
+    }
+    let key = "registry.listing";
+    if r.auth != AuthMode::Spcs {
+        return Err(ConfigError::key(
+            origin,
+            key,
+            "\"sql\" needs auth = \"spcs\" (the SQL API is called with the SPCS session token)",
+        ));
+    }
+    if r.image_repositories.is_empty() {
+        return Err(ConfigError::key(
+            origin,
+            key,
+            "\"sql\" needs registry.image_repositories (SHOW IMAGES lists one image repository)",
+        ));
+    }
+    for name in &r.image_repositories {
+        if crate::registry::spcs_sql::image_repository_identifier(name).is_none() {
+            return Err(ConfigError::key(
+                origin,
+                "registry.image_repositories",
+                format!(
+                    "{name:?}: with listing = \"sql\" each entry must be db/schema/repo, each part an unquoted identifier ([a-z_][a-z0-9_]*)"
+                ),
+            ));
+        }
+    }
+    let sql_key = "registry.sql_url";
+    let text = if r.sql_url.trim().is_empty() {
+        match env.get("SNOWFLAKE_HOST").map(str::trim) {
+            Some(host) if !host.is_empty() => format!("https://{host}"),
+            _ => {
+                return Err(ConfigError::key(
+                    origin,
+                    sql_key,
+                    "empty, and SNOWFLAKE_HOST (set by SPCS) is not set to derive https://$SNOWFLAKE_HOST",
+                ));
+            }
+        }
+    } else {
+        r.sql_url.trim().to_string()
+    };
+    let url = Url::parse(&text)
+        .map_err(|e| ConfigError::key(origin, sql_key, format!("{text:?} is not a URL ({e})")))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ConfigError::key(
+            origin,
+            sql_key,
+            "must not carry credentials (the session token is read from registry.token_file)",
+        ));
+    }
+    let host = url
+        .host_str()
+        .ok_or_else(|| ConfigError::key(origin, sql_key, format!("{text:?} has no host")))?;
+    match url.scheme() {
+        "https" => {}
+        // The session token is a bearer credential: plain http only where it cannot leave
+        // the machine (a test server), whatever allow_insecure_http says.
+        "http" if is_loopback_host(host) => {}
+        _ => {
+            return Err(ConfigError::key(
+                origin,
+                sql_key,
+                format!("{text:?} must be https (plain http only to loopback)"),
+            ));
+        }
+    }
+    if (url.path() != "/" && !url.path().is_empty()) || url.query().is_some() {
+        return Err(ConfigError::key(
+            origin,
+            sql_key,
+            format!("{text:?} must be scheme://host[:port] without a path or query"),
+        ));
+    }
+    let mut url = url;
+    url.set_path("");
+    url.set_fragment(None);
+    Ok(Listing::Sql {
+        url,
+        verify_sample: non_negative(
+            origin,
+            "registry.sql_verify_sample",
+            r.sql_verify_sample,
+            1000,
+        )? as usize,
+    })
 }
 
 /// True for `localhost`, 127.0.0.0/8 and ::1.

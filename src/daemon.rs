@@ -40,7 +40,9 @@ use crate::output::Output;
 use crate::queue::{JobKind, Lane, ScanQueue};
 use crate::registry::{RegistryClient, RegistryError, RequestStats};
 use crate::scanner::{Scanner, error_chain, passthrough_env};
-use crate::state::{ImageRecord, ImageStatus, ScanMode, StateError, Store, TagRecord};
+use crate::state::{
+    ImagePlanView, ImageRecord, ImageStatus, ScanMode, StateError, Store, TagPlanView,
+};
 use crate::vulndb::{Readiness, UpdateOutcome, VulnDb};
 use crate::watcher::{PassReport, WatchError, Watcher};
 use crate::worker::{RetryPolicy, ScanOutcome, Worker, WorkerError, recover};
@@ -103,8 +105,8 @@ pub struct Plan {
 
 /// Decides from the store what to scan and what to re-match.
 pub fn plan(
-    images: &[ImageRecord],
-    tags: &[TagRecord],
+    images: &[ImagePlanView],
+    tags: &[TagPlanView],
     readiness: &Readiness,
     rescan: &RescanConfig,
     now: DateTime<Utc>,
@@ -120,7 +122,7 @@ pub fn plan(
         .and_then(|m| chrono::TimeDelta::from_std(m).ok());
     let mut out = Plan::default();
     for image in images {
-        if image.tags.is_empty() {
+        if image.tags == 0 {
             continue;
         }
         if image.is_due(now) {
@@ -497,7 +499,7 @@ impl Daemon {
         let registry_requests = self.stats.total() - requests_before;
         let now = Utc::now();
         let readiness = self.vulndb.readiness(now).await;
-        let plan = match (self.store.all_images(), self.store.all_tags()) {
+        let plan = match (self.store.image_plan_views(), self.store.tag_plan_views()) {
             (Ok(images), Ok(tags)) => plan(&images, &tags, &readiness, &config.rescan, now),
             (Err(e), _) | (_, Err(e)) => {
                 let err = CycleError {
@@ -762,8 +764,9 @@ impl Daemon {
             }
         };
         if trigger == Trigger::Event {
-            let tags = self.store.all_tags().map_err(store_err)?;
-            let plan = plan(&images, &tags, readiness, &config.rescan, now);
+            let tags = self.store.tag_plan_views().map_err(store_err)?;
+            let views: Vec<ImagePlanView> = images.iter().map(ImagePlanView::from).collect();
+            let plan = plan(&views, &tags, readiness, &config.rescan, now);
             return Ok(plan
                 .full
                 .into_iter()
@@ -1104,7 +1107,26 @@ async fn flush_changes(store: &Store, output: &Output) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::ScanRecord;
+    use crate::state::{ScanRecord, TagRecord};
+
+    /// [`super::plan`] over the views of whole records, as the store reads them.
+    fn plan(
+        images: &[ImageRecord],
+        tags: &[TagRecord],
+        readiness: &Readiness,
+        rescan: &RescanConfig,
+        now: DateTime<Utc>,
+    ) -> Plan {
+        let images: Vec<ImagePlanView> = images
+            .iter()
+            .map(|i| serde_json::from_str(&serde_json::to_string(i).unwrap()).unwrap())
+            .collect();
+        let tags: Vec<TagPlanView> = tags
+            .iter()
+            .map(|t| serde_json::from_str(&serde_json::to_string(t).unwrap()).unwrap())
+            .collect();
+        super::plan(&images, &tags, readiness, rescan, now)
+    }
 
     fn d(c: char) -> Digest {
         Digest::parse(&format!("sha256:{}", c.to_string().repeat(64))).unwrap()

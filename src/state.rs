@@ -285,21 +285,15 @@ impl ImageRecord {
     /// True when this digest should get a full scan now: never scanned, failed and due,
     /// or scanned with an empty SBOM and due again; and still referenced by a tag.
     pub fn is_due(&self, now: DateTime<Utc>) -> bool {
-        if self.tags.is_empty() {
-            return false;
-        }
-        match self.status {
-            ImageStatus::Pending => true,
-            ImageStatus::Failed => self.next_retry.is_none_or(|t| t <= now),
-            // An empty SBOM is not a clean image: scanned again once its retry is due.
-            ImageStatus::Scanned => {
-                self.last_scan
-                    .as_ref()
-                    .is_some_and(|s| s.has_flag(FLAG_EMPTY_SBOM))
-                    && self.next_retry.is_some_and(|t| t <= now)
-            }
-            ImageStatus::Scanning | ImageStatus::Unsupported => false,
-        }
+        is_due(
+            !self.tags.is_empty(),
+            self.status,
+            self.next_retry,
+            self.last_scan
+                .as_ref()
+                .is_some_and(|s| s.has_flag(FLAG_EMPTY_SBOM)),
+            now,
+        )
     }
 }
 
@@ -310,6 +304,118 @@ pub struct PreviousDigest {
     pub image_digest: Digest,
     /// When the tag moved away from it.
     pub until: DateTime<Utc>,
+}
+
+/// [`ImageRecord::is_due`] and [`ImagePlanView::is_due`].
+fn is_due(
+    tagged: bool,
+    status: ImageStatus,
+    next_retry: Option<DateTime<Utc>>,
+    empty_sbom: bool,
+    now: DateTime<Utc>,
+) -> bool {
+    if !tagged {
+        return false;
+    }
+    match status {
+        ImageStatus::Pending => true,
+        ImageStatus::Failed => next_retry.is_none_or(|t| t <= now),
+        // An empty SBOM is not a clean image: scanned again once its retry is due.
+        ImageStatus::Scanned => empty_sbom && next_retry.is_some_and(|t| t <= now),
+        ImageStatus::Scanning | ImageStatus::Unsupported => false,
+    }
+}
+
+/// The fields of an [`ImageRecord`] that planning a cycle reads, deserialized from the
+/// same stored JSON without the rest (tags are counted, not collected). Planning reads
+/// every record every cycle; building each whole was the largest per-tag cost of an idle
+/// cycle in the profile (`docs/performance.md`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ImagePlanView {
+    pub digest: Digest,
+    pub status: ImageStatus,
+    /// How many `repository:tag` point at it.
+    #[serde(deserialize_with = "count_seq")]
+    pub tags: usize,
+    pub next_retry: Option<DateTime<Utc>>,
+    pub last_scan: Option<ScanPlanView>,
+}
+
+/// The fields of a [`ScanRecord`] that planning reads.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ScanPlanView {
+    pub finished_at: DateTime<Utc>,
+    pub mode: ScanMode,
+    pub db_build: Option<String>,
+    #[serde(default)]
+    pub flags: Vec<String>,
+}
+
+impl ImagePlanView {
+    /// As [`ImageRecord::is_due`].
+    pub fn is_due(&self, now: DateTime<Utc>) -> bool {
+        is_due(
+            self.tags > 0,
+            self.status,
+            self.next_retry,
+            self.last_scan
+                .as_ref()
+                .is_some_and(|s| s.flags.iter().any(|f| f == FLAG_EMPTY_SBOM)),
+            now,
+        )
+    }
+}
+
+impl From<&ImageRecord> for ImagePlanView {
+    fn from(r: &ImageRecord) -> Self {
+        ImagePlanView {
+            digest: r.digest.clone(),
+            status: r.status,
+            tags: r.tags.len(),
+            next_retry: r.next_retry,
+            last_scan: r.last_scan.as_ref().map(|s| ScanPlanView {
+                finished_at: s.finished_at,
+                mode: s.mode,
+                db_build: s.db_build.clone(),
+                flags: s.flags.clone(),
+            }),
+        }
+    }
+}
+
+/// The fields of a [`TagRecord`] that planning reads.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct TagPlanView {
+    pub image_digest: Digest,
+    pub last_seen: DateTime<Utc>,
+}
+
+impl From<&TagRecord> for TagPlanView {
+    fn from(t: &TagRecord) -> Self {
+        TagPlanView {
+            image_digest: t.image_digest.clone(),
+            last_seen: t.last_seen,
+        }
+    }
+}
+
+/// The length of a JSON array, its items skipped unread.
+fn count_seq<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    struct Count;
+    impl<'de> serde::de::Visitor<'de> for Count {
+        type Value = usize;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+            let mut n = 0;
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                n += 1;
+            }
+            Ok(n)
+        }
+    }
+    d.deserialize_seq(Count)
 }
 
 /// What a `repository:tag` points at, and what it pointed at before.
@@ -612,6 +718,40 @@ impl Store {
 
     pub fn all_images(&self) -> Result<Vec<ImageRecord>, StateError> {
         self.scan_json(IMAGE_PREFIX)
+    }
+
+    /// Whole records of the images a crash may have left mid-scan (`scanning`, or a
+    /// pending write); the others are read only as far as their status.
+    pub fn images_to_recover(&self) -> Result<Vec<ImageRecord>, StateError> {
+        #[derive(Deserialize)]
+        struct View {
+            status: ImageStatus,
+            pending_write: Option<serde::de::IgnoredAny>,
+        }
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(IMAGE_PREFIX.as_bytes()) {
+            let (key, value) = item.map_err(|source| self.storage(source))?;
+            let corrupt = |source| StateError::Corrupt {
+                path: self.path.clone(),
+                key: String::from_utf8_lossy(&key).escape_debug().to_string(),
+                source,
+            };
+            let view: View = serde_json::from_slice(&value).map_err(corrupt)?;
+            if view.status == ImageStatus::Scanning || view.pending_write.is_some() {
+                out.push(serde_json::from_slice(&value).map_err(corrupt)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every image, as much of it as planning a cycle reads.
+    pub fn image_plan_views(&self) -> Result<Vec<ImagePlanView>, StateError> {
+        self.scan_json(IMAGE_PREFIX)
+    }
+
+    /// Every tag, as much of it as planning a cycle reads.
+    pub fn tag_plan_views(&self) -> Result<Vec<TagPlanView>, StateError> {
+        self.scan_json(TAG_PREFIX)
     }
 
     pub fn get_index(&self, digest: &Digest) -> Result<Option<IndexRecord>, StateError> {
@@ -1074,5 +1214,96 @@ mod tests {
         assert!(img.is_due(now + chrono::Duration::minutes(6)));
         img.status = ImageStatus::Scanned;
         assert!(!img.is_due(now + chrono::Duration::days(1)));
+    }
+
+    fn scan_record(at: DateTime<Utc>, flags: &[&str]) -> ScanRecord {
+        ScanRecord {
+            finished_at: at,
+            mode: ScanMode::Full,
+            syft_version: "1.18.1".into(),
+            grype_version: Some("0.97.0".into()),
+            db_build: Some("2026-12-01T00:00:00Z".into()),
+            db_schema: Some("v6.0.2".into()),
+            result_file: Some("results/x.json".into()),
+            sbom_file: "sboms/x.json".into(),
+            packages: 3,
+            matches: 2,
+            severities: [("High".to_string(), 2)].into(),
+            flags: flags.iter().map(|f| f.to_string()).collect(),
+        }
+    }
+
+    /// Records of every shape planning meets: the views read from their stored JSON
+    /// agree with the whole records, field by field and in `is_due`.
+    fn varied_records(now: DateTime<Utc>) -> Vec<ImageRecord> {
+        let mut out = Vec::new();
+        let mut pending = ImageRecord::new(digest('a'), "m".into(), now);
+        pending.tags.extend(["r:1".to_string(), "r:2".to_string()]);
+        out.push(pending.clone());
+        let mut untagged = pending.clone();
+        untagged.digest = digest('b');
+        untagged.tags.clear();
+        out.push(untagged);
+        let mut failed = pending.clone();
+        failed.digest = digest('c');
+        failed.status = ImageStatus::Failed;
+        failed.next_retry = Some(now + chrono::Duration::minutes(5));
+        failed.last_error = Some("boom".into());
+        out.push(failed);
+        let mut empty = pending.clone();
+        empty.digest = digest('d');
+        empty.status = ImageStatus::Scanned;
+        empty.next_retry = Some(now - chrono::Duration::minutes(1));
+        empty.last_scan = Some(scan_record(now, &[FLAG_EMPTY_SBOM]));
+        out.push(empty);
+        let mut scanning = pending.clone();
+        scanning.digest = digest('e');
+        scanning.status = ImageStatus::Scanning;
+        scanning.last_scan = Some(scan_record(now, &[]));
+        scanning.pending_write = Some(PendingWrite {
+            sbom: None,
+            result: Some(FileCheck {
+                path: "results/e.json".into(),
+                sha256: "0".repeat(64),
+                size: 1,
+            }),
+            scan: scan_record(now, &[FLAG_STALE_DB]),
+            change: None,
+        });
+        out.push(scanning);
+        out
+    }
+
+    #[test]
+    fn plan_views_read_from_stored_json_agree_with_whole_records() {
+        let now = Utc::now();
+        for record in varied_records(now) {
+            let stored = serde_json::to_vec(&record).unwrap();
+            let view: ImagePlanView = serde_json::from_slice(&stored).unwrap();
+            assert_eq!(view, ImagePlanView::from(&record), "{}", record.digest);
+            for at in [now, now + chrono::Duration::minutes(10)] {
+                assert_eq!(view.is_due(at), record.is_due(at), "{}", record.digest);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn only_images_left_mid_scan_are_read_for_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let now = Utc::now();
+        let records = varied_records(now);
+        let mut batch = Batch::default();
+        for r in &records {
+            batch.put_image(r);
+        }
+        store.commit(batch).await.unwrap();
+        let recover = store.images_to_recover().unwrap();
+        assert_eq!(
+            recover.iter().map(|r| r.digest.clone()).collect::<Vec<_>>(),
+            vec![digest('e')]
+        );
+        assert_eq!(recover[0], records[4], "read whole");
+        assert_eq!(store.image_plan_views().unwrap().len(), records.len());
     }
 }

@@ -13,6 +13,14 @@
 //!   crash between the two repeats the record next cycle, it never loses it.
 //! - The pass stops early, and fails, after [`UNREACHABLE_LIMIT`] consecutive
 //!   connection failures: a registry that went away is not asked about every tag.
+//! - With `registry.listing = "sql"` a full pass lists each image repository with one
+//!   `SHOW IMAGES` ([`crate::registry::spcs_sql`]) instead of catalog + tag lists +
+//!   HEADs; what it yields is the same (repository, tag → digest) observations, so the
+//!   diff and everything after it do not change. An image repository whose SQL listing
+//!   fails is listed through the registry API in the same pass; one whose SQL digest
+//!   differs from the registry's HEAD is listed through the registry API from then on.
+//!   The first SQL listing of an image repository is checked tag by tag, later ones by
+//!   `registry.sql_verify_sample` tags per cycle.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -25,10 +33,11 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::Platform;
+use crate::config::{Listing, Platform};
 use crate::digest::Digest;
 use crate::output::{Output, OutputError};
 use crate::registry::manifest::{ManifestKind, classify};
+use crate::registry::spcs_sql::{ImageListing, SqlLister};
 use crate::registry::{RegistryClient, RegistryError, TagListing};
 use crate::state::{
     Batch, ImageRecord, ImageStatus, IndexRecord, MAX_TAG_HISTORY, PreviousDigest, StateError,
@@ -104,6 +113,35 @@ pub struct Watcher {
     store: Arc<Store>,
     output: Output,
     platform: Platform,
+    sql: Option<SqlListing>,
+}
+
+/// The SQL listing and what it has learnt about each image repository.
+struct SqlListing {
+    lister: SqlLister,
+    verify_sample: usize,
+    /// Full passes done, to rotate the sampled tags.
+    passes: AtomicUsize,
+    /// Image repositories whose SQL listing has been checked tag by tag.
+    verified: std::sync::Mutex<BTreeSet<String>>,
+    /// Image repositories whose SQL digests disagreed with the registry: registry API
+    /// from then on (until restart).
+    distrusted: std::sync::Mutex<BTreeSet<String>>,
+}
+
+impl SqlListing {
+    fn is_distrusted(&self, image_repository: &str) -> bool {
+        self.distrusted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(image_repository)
+    }
+}
+
+/// How an image repository was observed in a SQL pass.
+enum ImageRepoOutcome {
+    Sql(Vec<RepoObservation>),
+    Fallback,
 }
 
 struct RepoObservation {
@@ -183,17 +221,41 @@ impl Watcher {
         output: Output,
         platform: Platform,
     ) -> Self {
+        let sql = match SqlLister::new(registry.config()) {
+            Ok(Some(lister)) => {
+                let verify_sample = match registry.config().listing {
+                    Listing::Sql { verify_sample, .. } => verify_sample,
+                    Listing::Registry => 0,
+                };
+                Some(SqlListing {
+                    lister,
+                    verify_sample,
+                    passes: AtomicUsize::new(0),
+                    verified: Default::default(),
+                    distrusted: Default::default(),
+                })
+            }
+            Ok(None) => None,
+            Err(e) => {
+                warn!(error = %crate::scanner::error_chain(&e), "cannot set up the SQL listing; using the registry API");
+                None
+            }
+        };
         Watcher {
             registry,
             store,
             output,
             platform,
+            sql,
         }
     }
 
     /// One pass over every configured repository.
     pub async fn pass(&self, cancel: &CancellationToken) -> Result<PassReport, WatchError> {
         let started = Instant::now();
+        if let Some(sql) = &self.sql {
+            return self.sql_pass(sql, started, cancel).await;
+        }
         let repositories = tokio::select! {
             r = self.registry.list_repositories() => r.map_err(WatchError::Listing)?,
             _ = cancel.cancelled() => return Err(WatchError::Cancelled),
@@ -232,6 +294,20 @@ impl Watcher {
                 .collect::<Vec<_>>() => o,
             _ = cancel.cancelled() => return Err(WatchError::Cancelled),
         };
+        self.finish(repositories, observations, &breaker, full, started, cancel)
+            .await
+    }
+
+    /// Fails the pass if the registry went away, else applies the observations.
+    async fn finish(
+        &self,
+        repositories: Vec<String>,
+        observations: Vec<RepoObservation>,
+        breaker: &Breaker,
+        full: bool,
+        started: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<PassReport, WatchError> {
         if breaker.is_open() {
             let last = observations
                 .into_iter()
@@ -254,6 +330,227 @@ impl Watcher {
         let mut report = self.apply(repositories, observations, full, cancel).await?;
         report.duration = started.elapsed();
         Ok(report)
+    }
+
+    /// A full pass with the SQL listing: one `SHOW IMAGES` per image repository; the
+    /// registry API for those where it fails or is not trusted. Observations come out
+    /// as the registry path's would, so [`Watcher::apply`] is shared.
+    async fn sql_pass(
+        &self,
+        sql: &SqlListing,
+        started: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<PassReport, WatchError> {
+        let pass_number = sql.passes.fetch_add(1, Ordering::Relaxed);
+        let cfg = self.registry.config();
+        let sql_before = sql.lister.requests();
+        let outcomes: Vec<(String, ImageRepoOutcome)> = tokio::select! {
+            o = futures::stream::iter(cfg.image_repositories.iter().cloned())
+                .map(|ir| async move {
+                    let outcome = self.observe_sql(sql, &ir, pass_number).await;
+                    (ir, outcome)
+                })
+                .buffer_unordered(cfg.concurrency)
+                .collect::<Vec<_>>() => o,
+            _ = cancel.cancelled() => return Err(WatchError::Cancelled),
+        };
+        let mut observations = Vec::new();
+        let mut fallback = BTreeSet::new();
+        for (image_repository, outcome) in outcomes {
+            match outcome {
+                ImageRepoOutcome::Sql(obs) => observations.extend(obs),
+                ImageRepoOutcome::Fallback => {
+                    fallback.insert(image_repository);
+                }
+            }
+        }
+        let breaker = Breaker::default();
+        if !fallback.is_empty() {
+            // The registry client lists every image repository's catalog at once; one
+            // catalog page per image repository is cheap next to the tag lists and
+            // HEADs, which are done only for the fallback ones.
+            let all = tokio::select! {
+                r = self.registry.list_repositories() => r.map_err(WatchError::Listing)?,
+                _ = cancel.cancelled() => return Err(WatchError::Cancelled),
+            };
+            let names: Vec<String> = all
+                .into_iter()
+                .filter(|name| fallback.iter().any(|ir| is_under(name, ir)))
+                .collect();
+            let more: Vec<RepoObservation> = tokio::select! {
+                o = futures::stream::iter(names)
+                    .map(|repo| self.observe(repo, &breaker))
+                    .buffer_unordered(cfg.concurrency)
+                    .collect::<Vec<_>>() => o,
+                _ = cancel.cancelled() => return Err(WatchError::Cancelled),
+            };
+            observations.extend(more);
+        }
+        let mut repositories: Vec<String> =
+            observations.iter().map(|o| o.repository.clone()).collect();
+        repositories.sort();
+        repositories.dedup();
+        info!(
+            image_repositories = cfg.image_repositories.len(),
+            sql_requests = sql.lister.requests() - sql_before,
+            registry_fallbacks = fallback.len(),
+            "SQL listing done"
+        );
+        self.finish(repositories, observations, &breaker, true, started, cancel)
+            .await
+    }
+
+    /// One image repository through SHOW IMAGES, checked against registry HEADs: every
+    /// tag the first time, then `verify_sample` tags per pass (rotating).
+    async fn observe_sql(
+        &self,
+        sql: &SqlListing,
+        image_repository: &str,
+        pass_number: usize,
+    ) -> ImageRepoOutcome {
+        if sql.is_distrusted(image_repository) {
+            return ImageRepoOutcome::Fallback;
+        }
+        let listing = match sql.lister.list_images(image_repository).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(image_repository, error = %crate::scanner::error_chain(&e), "SQL listing failed; using the registry API for this image repository");
+                return ImageRepoOutcome::Fallback;
+            }
+        };
+        if listing.skipped > 0 {
+            warn!(
+                image_repository,
+                skipped = listing.skipped,
+                rows = listing.rows,
+                "skipped invalid rows or tags from SHOW IMAGES"
+            );
+        }
+        let observations = self.sql_observations(listing);
+
+        let first = !sql
+            .verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(image_repository);
+        let candidates: Vec<(String, String, Digest)> = observations
+            .iter()
+            .flat_map(|o| {
+                o.heads.iter().filter_map(|(tag, r)| {
+                    r.as_ref()
+                        .ok()
+                        .map(|d| (o.repository.clone(), tag.clone(), d.clone()))
+                })
+            })
+            .collect();
+        let sample: Vec<(String, String, Digest)> = if first {
+            candidates
+        } else {
+            let n = candidates.len();
+            let k = sql.verify_sample.min(n);
+            (0..k)
+                .map(|i| candidates[(pass_number.wrapping_mul(k) + i) % n].clone())
+                .collect()
+        };
+        let concurrency = self.registry.config().concurrency;
+        let checks: Vec<_> = futures::stream::iter(sample)
+            .map(|(repository, tag, sql_digest)| async move {
+                let head = self.registry.head_manifest(&repository, &tag).await;
+                (repository, tag, sql_digest, head)
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        let mut mismatch = false;
+        let mut unchecked = 0;
+        let compared = checks.len();
+        for (repository, tag, sql_digest, head) in checks {
+            match head {
+                Ok(registry_digest) if registry_digest == sql_digest => {}
+                Ok(registry_digest) => {
+                    warn!(
+                        image_repository,
+                        repository,
+                        tag,
+                        sql_digest = %sql_digest,
+                        registry_digest = %registry_digest,
+                        "SHOW IMAGES digest differs from the registry's manifest digest; using the registry API for this image repository until restart"
+                    );
+                    mismatch = true;
+                }
+                // Gone since the listing: nothing to compare.
+                Err(e) if e.is_not_found() => {}
+                Err(e) => {
+                    debug!(repository, tag, error = %crate::scanner::error_chain(&e), "cannot check the SQL digest against the registry");
+                    unchecked += 1;
+                }
+            }
+        }
+        if mismatch {
+            sql.distrusted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(image_repository.to_string());
+            return ImageRepoOutcome::Fallback;
+        }
+        // A first check cut short by registry errors is done again next pass.
+        if first && unchecked == 0 {
+            sql.verified
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(image_repository.to_string());
+        }
+        debug!(
+            image_repository,
+            compared, unchecked, first, "SQL digests checked against registry HEADs"
+        );
+        ImageRepoOutcome::Sql(observations)
+    }
+
+    /// A SHOW IMAGES listing as the registry path's observations: watched repositories
+    /// only, tag filters and `max_tags_per_repository` applied, a tag listed with two
+    /// digests left unresolved (kept as known, retried next cycle).
+    fn sql_observations(&self, listing: ImageListing) -> Vec<RepoObservation> {
+        let cfg = self.registry.config();
+        let ImageListing {
+            images, conflicts, ..
+        } = listing;
+        let mut out = Vec::new();
+        for (repository, tags) in images {
+            if !self.registry.watches(&repository) {
+                continue;
+            }
+            let conflicted = conflicts.get(&repository);
+            let mut kept = TagListing::default();
+            let mut heads = Vec::new();
+            for (tag, digest) in tags {
+                if !cfg.tags_include.matches(&tag) || cfg.tags_exclude.matches(&tag) {
+                    continue;
+                }
+                if kept.tags.len() == cfg.max_tags_per_repository {
+                    kept.truncated = true;
+                    break;
+                }
+                let head = if conflicted.is_some_and(|c| c.contains(&tag)) {
+                    Err(RegistryError::Invalid {
+                        host: cfg.host.clone(),
+                        method: "SQL",
+                        path: format!("/v2/{repository}/manifests/{tag}"),
+                        reason: "SHOW IMAGES lists the tag with two digests".into(),
+                    })
+                } else {
+                    Ok(digest)
+                };
+                kept.tags.push(tag.clone());
+                heads.push((tag, head));
+            }
+            out.push(RepoObservation {
+                repository,
+                listing: Ok(kept),
+                heads,
+            });
+        }
+        out
     }
 
     /// Lists one repository's tags and HEADs each (bounded by the registry client).
@@ -652,6 +949,13 @@ impl Watcher {
             }
         }
     }
+}
+
+/// True when `repository` is an image of `image_repository` (`db/schema/repo/...`).
+fn is_under(repository: &str, image_repository: &str) -> bool {
+    repository
+        .strip_prefix(image_repository)
+        .is_some_and(|rest| rest.starts_with('/'))
 }
 
 fn inventory(

@@ -606,7 +606,7 @@ pub async fn recover(
     }
     let mut recovery = Recovery::default();
     let mut batch = Batch::default();
-    for mut record in store.all_images()? {
+    for mut record in store.images_to_recover()? {
         if record.status != ImageStatus::Scanning && record.pending_write.is_none() {
             continue;
         }

@@ -27,6 +27,7 @@
 
 pub mod auth;
 pub mod manifest;
+pub mod spcs_sql;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;

@@ -269,6 +269,11 @@ impl TestRegistry {
         }
     }
 
+    /// The registry process's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the child process is currently running.
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
