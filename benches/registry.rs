@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use registry::{LoggedRequest, TestRegistry};
+use registry::{LoggedRequest, RegistryOptions, TestRegistry};
 use sha2::{Digest as _, Sha256};
 
 /// User-Agent prefix of the daemon's registry requests.
@@ -560,6 +560,10 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
 
 struct SkopeoRun {
     wall: Duration,
+    /// CPU time of the skopeo processes.
+    cpu: Duration,
+    /// CPU time of the registry meanwhile.
+    registry_cpu: Duration,
     repos: usize,
     tags: usize,
     failures: usize,
@@ -569,6 +573,8 @@ struct SkopeoRun {
 async fn skopeo_loop(registry: &TestRegistry, repos: &[String], max_tags: usize) -> SkopeoRun {
     let mark = registry.wait_for_log_quiet().await;
     let host = registry.host();
+    let cpu0 = children_cpu();
+    let registry_cpu0 = process_cpu(registry.pid());
     let started = Instant::now();
     let (mut tags_done, mut repos_done, mut failures) = (0, 0, 0);
     'outer: for repo in repos {
@@ -609,9 +615,13 @@ async fn skopeo_loop(registry: &TestRegistry, repos: &[String], max_tags: usize)
         }
     }
     let wall = started.elapsed();
+    let cpu = children_cpu().saturating_sub(cpu0);
+    let registry_cpu = process_cpu(registry.pid()).saturating_sub(registry_cpu0);
     let requests = registry.requests_since_settled(mark).await;
     SkopeoRun {
         wall,
+        cpu,
+        registry_cpu,
         repos: repos_done,
         tags: tags_done,
         failures,
@@ -861,6 +871,30 @@ fn machine() -> BTreeMap<&'static str, String> {
     m
 }
 
+/// One-minute load average under which the machine counts as quiet.
+const QUIET_LOAD: f64 = 0.5;
+
+fn one_minute_load(loadavg: &str) -> f64 {
+    loadavg
+        .split_whitespace()
+        .next()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(f64::MAX)
+}
+
+/// Waits (at most 3 minutes) for the one-minute load average to fall under
+/// [`QUIET_LOAD`], e.g. after a build; returns `/proc/loadavg` as it then is.
+fn wait_for_quiet_machine() -> String {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let load = read_trim("/proc/loadavg");
+        if one_minute_load(&load) < QUIET_LOAD || Instant::now() >= deadline {
+            return load;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
 fn read_trim(path: &str) -> String {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())
@@ -900,7 +934,7 @@ fn main() {
 
 async fn run(opts: Options) {
     let bench_started = Instant::now();
-    let load_before = read_trim("/proc/loadavg");
+    let load_before = wait_for_quiet_machine();
     let main_tags = opts.repos * opts.tags;
     let mut sizes: Vec<usize> = opts.growth.clone();
     sizes.push(main_tags);
@@ -918,7 +952,8 @@ async fn run(opts: Options) {
         opts.repos, opts.tags
     ));
 
-    let registry = TestRegistry::start_anonymous().await;
+    let registry =
+        TestRegistry::start(RegistryOptions::anonymous().with_blob_descriptor_cache()).await;
     let storage = Storage::new(&registry);
     let ours = Setup::new(&opts, &registry, Vec::new());
     let mut filled_repos = 0;
@@ -1075,8 +1110,9 @@ fn render(opts: &Options, r: &Rendered) -> String {
     );
     let _ = writeln!(
         w,
-        "Set-up: a real Debian `docker-registry` on loopback, its filesystem storage written \
-         directly with {} repositories × {} tags = {} tags (tiny OCI images sharing one config \
+        "Set-up: a real Debian `docker-registry` on loopback (its access log on, for counting \
+         requests; the in-memory blob descriptor cache of Debian's default config), its \
+         filesystem storage written directly with {} repositories × {} tags = {} tags (tiny OCI images sharing one config \
          and one layer blob; each tag has its own manifest, so every tag has a distinct digest). \
          The daemon is the release binary (`{}`), run as `spcs-image-scanner once` with the state \
          of the previous cycle, `scanner.concurrency = {}`, `registry.concurrency` at its default. \
@@ -1097,10 +1133,17 @@ fn render(opts: &Options, r: &Rendered) -> String {
     );
     let _ = writeln!(
         w,
-        "**Machine load**: other work was running on this machine during the run (load average \
-         before `{}`, after `{}`), so times are for checking the harness, not final figures. \
-         Request and invocation counts do not depend on load.\n",
-        r.load_before, r.load_after
+        "**Machine load**: {} (`/proc/loadavg` before the run `{}`, after it `{}`; the run \
+         itself keeps both cores busy). Ratios compare runs of the same benchmark on the same \
+         machine minutes apart; request and invocation counts do not depend on load.\n",
+        if one_minute_load(r.load_before) < QUIET_LOAD {
+            "the machine was quiet when the run started"
+        } else {
+            "other work was running when the run started (it did not settle within 3 minutes), \
+             so times may be high"
+        },
+        r.load_before,
+        r.load_after
     );
     let _ = writeln!(w, "## Machine\n");
     let _ = writeln!(w, "| | |\n|---|---|");
@@ -1195,9 +1238,10 @@ fn render(opts: &Options, r: &Rendered) -> String {
             w,
             "**Operator's script** (`skopeo list-tags --tls-verify=false docker://HOST/REPO` per \
              repository, then `skopeo inspect --raw --tls-verify=false docker://HOST/REPO:TAG` per \
-             tag, one after the other, skopeo {}): {} repositories, {} tags in {:.1} s \
-             ({:.1} ms per tag{}), {} registry requests ({:.2} per tag: skopeo pings `/v2/` on \
-             every invocation), {} failed invocations.{}\n",
+             tag, one after the other, {}): {} repositories, {} tags in {:.1} s \
+             ({:.1} ms per tag{}; skopeo's CPU {:.1} s, the registry's {:.1} s), {} registry \
+             requests ({:.2} per tag: skopeo pings `/v2/` on every invocation), {} failed \
+             invocations.{}\n",
             tool_version("skopeo", &["--version"]),
             s.repos,
             s.tags,
@@ -1211,6 +1255,8 @@ fn render(opts: &Options, r: &Rendered) -> String {
             } else {
                 String::new()
             },
+            secs(s.cpu),
+            secs(s.registry_cpu),
             s.requests.total,
             s.requests.total as f64 / s.tags.max(1) as f64,
             s.failures,
@@ -1270,6 +1316,23 @@ fn render(opts: &Options, r: &Rendered) -> String {
             peer_req,
             idle_req.total as f64 / peer_req
         );
+        // CPU per tag: less sensitive to what else the machine does than wall time.
+        let per_tag_us = |d: Duration, tags: usize| secs(d) * 1e6 / tags.max(1) as f64;
+        let (ours_cpu, peer_cpu) = (per_tag_us(idle.cpu, r.main_tags), per_tag_us(s.cpu, s.tags));
+        let _ = writeln!(
+            w,
+            "| client CPU per tag vs skopeo (µs) | {ours_cpu:.0} | {peer_cpu:.0} | {:.4} |",
+            ours_cpu / peer_cpu.max(f64::MIN_POSITIVE)
+        );
+        let (ours_reg, peer_reg) = (
+            per_tag_us(idle.registry_cpu, r.main_tags),
+            per_tag_us(s.registry_cpu, s.tags),
+        );
+        let _ = writeln!(
+            w,
+            "| registry CPU per tag vs skopeo (µs) | {ours_reg:.0} | {peer_reg:.0} | {:.3} |",
+            ours_reg / peer_reg.max(f64::MIN_POSITIVE)
+        );
     }
     if let Some((projected, _)) = article_line {
         let _ = writeln!(
@@ -1293,6 +1356,32 @@ fn render(opts: &Options, r: &Rendered) -> String {
         );
     }
     let _ = writeln!(w);
+    if let Some(s) = r.skopeo {
+        // The registry's CPU per request of ours bounds any client's idle cycle here.
+        let cores: f64 = machine
+            .get("nproc")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1.0);
+        let floor = secs(idle.registry_cpu) / cores;
+        let skopeo_total = secs(s.wall) / s.tags.max(1) as f64 * r.main_tags as f64;
+        let _ = writeln!(
+            w,
+            "What bounds the idle cycle here is the registry, not the daemon: answering its \
+             {} requests took the registry {:.2} s of CPU against the daemon's {:.2} s. Spread \
+             over {cores:.0} cores, the registry's share alone needs {floor:.2} s of wall time, \
+             so on this machine no client making one request per tag could finish an idle cycle \
+             faster than that, {:.1}× faster than the skopeo loop at best; ours took {:.2} s. \
+             skopeo's own cost is the other way round: {:.1} ms of CPU per tag in skopeo \
+             processes, against {:.0} µs in the daemon.\n",
+            idle_req.total,
+            secs(idle.registry_cpu),
+            secs(idle.cpu),
+            skopeo_total / floor.max(f64::MIN_POSITIVE),
+            secs(idle.wall),
+            secs(s.cpu) * 1e3 / s.tags.max(1) as f64,
+            secs(idle.cpu) * 1e6 / r.main_tags as f64
+        );
+    }
 
     // ---- DB re-match
     if let (Some((n, full)), Some(rm)) = (r.article, r.rematch) {

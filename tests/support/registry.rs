@@ -97,6 +97,9 @@ pub struct RegistryOptions {
     /// Where the registry sends its event notifications (URL, and the bearer secret
     /// it sends in `Authorization`).
     pub notify: Option<(String, Option<String>)>,
+    /// `storage.cache.blobdescriptor: inmemory`, as in Debian's default config (the
+    /// benchmark); off for the tests, which change the storage behind its back.
+    pub blob_descriptor_cache: bool,
 }
 
 impl Default for RegistryOptions {
@@ -112,6 +115,7 @@ impl RegistryOptions {
             auth: RegistryAuth::Anonymous,
             realm: "spcs-test-registry".to_string(),
             notify: None,
+            blob_descriptor_cache: false,
         }
     }
 
@@ -124,7 +128,14 @@ impl RegistryOptions {
             },
             realm: "spcs-test-registry".to_string(),
             notify: None,
+            blob_descriptor_cache: false,
         }
+    }
+
+    /// With the in-memory blob descriptor cache of Debian's default registry config.
+    pub fn with_blob_descriptor_cache(mut self) -> Self {
+        self.blob_descriptor_cache = true;
+        self
     }
 
     /// The registry also sends its push (and pull) notifications to `url`, with
@@ -519,12 +530,17 @@ impl TestRegistry {
         let config = format!(
             "version: 0.1\n\
              log:\n  level: info\n  accesslog:\n    disabled: false\n\
-             storage:\n  filesystem:\n    rootdirectory: {root:?}\n  delete:\n    enabled: true\n\
+             storage:\n{cache}  filesystem:\n    rootdirectory: {root:?}\n  delete:\n    enabled: true\n\
              \x20 maintenance:\n    uploadpurging:\n      enabled: false\n\
              http:\n  addr: 127.0.0.1:{port}\n  secret: spcs-image-scanner-test-secret\n\
              {auth}{notifications}",
             root = self.storage_root().display().to_string(),
             port = self.port,
+            cache = if self.options.blob_descriptor_cache {
+                "  cache:\n    blobdescriptor: inmemory\n"
+            } else {
+                ""
+            },
         );
         fs::write(self.config_path(), config).expect("write registry config.yml");
     }
