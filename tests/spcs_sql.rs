@@ -615,6 +615,20 @@ fn registry_keys(
     text
 }
 
+/// The config for one image `db/schema/repo/app`, listed through `server`.
+fn write_one_app_config(scanner: &Scanner, server: &SqlServer, level: &str) {
+    write_config(
+        scanner,
+        &registry_keys(
+            &["db/schema/repo/app"],
+            &["db/schema/repo"],
+            Some((server, 1)),
+        ),
+        "5s",
+        level,
+    );
+}
+
 /// `(repository, tag) → digest` in the store.
 fn store_tags(scanner: &Scanner) -> BTreeMap<(String, String), String> {
     scanner
@@ -871,16 +885,7 @@ async fn a_statement_answered_202_is_polled_and_every_partition_is_read() {
         }
     });
     let scanner = spcs_scanner(&registry, token);
-    write_config(
-        &scanner,
-        &registry_keys(
-            &["db/schema/repo/app"],
-            &["db/schema/repo"],
-            Some((&server, 1)),
-        ),
-        "5s",
-        "info",
-    );
+    write_one_app_config(&scanner, &server, "info");
     let mark = registry.mark();
     let once = run_once(&scanner);
     assert_eq!(once.code, Some(0), "{}", once.output);
@@ -1149,16 +1154,7 @@ async fn a_refused_token_is_read_again_and_the_statement_retried_once() {
             &result_set(&[row("db/schema/repo", "app", &["1"], &ad)], 1, "h-401"),
         )
     });
-    write_config(
-        &scanner,
-        &registry_keys(
-            &["db/schema/repo/app"],
-            &["db/schema/repo"],
-            Some((&server, 1)),
-        ),
-        "5s",
-        "debug",
-    );
+    write_one_app_config(&scanner, &server, "debug");
     let once = run_once(&scanner);
     assert_eq!(once.code, Some(0), "{}", once.output);
     let posts = server.posts();
@@ -1218,16 +1214,7 @@ async fn hostile_rows_are_skipped_and_counted() {
         Reply::json(200, &set)
     });
     let scanner = spcs_scanner(&registry, token);
-    write_config(
-        &scanner,
-        &registry_keys(
-            &["db/schema/repo/app"],
-            &["db/schema/repo"],
-            Some((&server, 1)),
-        ),
-        "5s",
-        "info",
-    );
+    write_one_app_config(&scanner, &server, "info");
     let once = run_once(&scanner);
     assert_eq!(once.code, Some(0), "{}", once.output);
     let skipped = once.events("skipped invalid rows or tags from SHOW IMAGES");

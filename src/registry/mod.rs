@@ -218,6 +218,21 @@ pub struct RegistryClient {
     stats: Arc<RequestStats>,
 }
 
+/// The HTTP client of the registry and SQL API requests: our User-Agent, `timeout` for
+/// connecting and for each request, and no redirects (one could carry the
+/// `Authorization` header elsewhere; neither API has a reason to redirect).
+pub(crate) fn http_client(timeout: std::time::Duration) -> reqwest::Result<reqwest::Client> {
+    // reqwest is built without a default TLS crypto provider (ring is much cheaper to
+    // build than aws-lc); install it once. An error only means it is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .user_agent(USER_AGENT)
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+}
+
 impl RegistryClient {
     /// Builds the client; sends nothing yet.
     pub fn new(cfg: RegistryConfig) -> Result<Self, RegistryError> {
@@ -229,24 +244,12 @@ impl RegistryClient {
         cfg: RegistryConfig,
         stats: Arc<RequestStats>,
     ) -> Result<Self, RegistryError> {
-        // reqwest is built without a default TLS crypto provider (ring is
-        // much cheaper to build than aws-lc); install it once. An error only means it is
-        // already installed.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .user_agent(USER_AGENT)
-            .connect_timeout(cfg.request_timeout)
-            .timeout(cfg.request_timeout)
-            // Redirects could carry our Authorization header elsewhere; a registry
-            // listing has no reason to redirect.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| RegistryError::Transport {
-                host: cfg.host.clone(),
-                method: "SETUP",
-                path: String::new(),
-                source: Box::new(e),
-            })?;
+        let http = http_client(cfg.request_timeout).map_err(|e| RegistryError::Transport {
+            host: cfg.host.clone(),
+            method: "SETUP",
+            path: String::new(),
+            source: Box::new(e),
+        })?;
         Ok(RegistryClient {
             credentials: CredentialSource::new(cfg.auth.clone()),
             permits: Semaphore::new(cfg.concurrency),

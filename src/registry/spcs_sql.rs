@@ -37,7 +37,7 @@ use tracing::debug;
 use url::Url;
 
 use super::auth::{AuthError, CredentialSource, Secret};
-use super::{USER_AGENT, is_valid_repository_name, is_valid_tag};
+use super::{is_valid_repository_name, is_valid_tag};
 use crate::config::{AuthConfig, Listing, RegistryConfig};
 use crate::digest::Digest;
 
@@ -194,15 +194,7 @@ impl SqlLister {
         if !matches!(cfg.auth, AuthConfig::Spcs { .. }) {
             return Ok(None);
         }
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .user_agent(USER_AGENT)
-            .connect_timeout(cfg.request_timeout)
-            .timeout(cfg.request_timeout)
-            // A redirect would carry the bearer token elsewhere.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(Problem::Transport)?;
+        let http = super::http_client(cfg.request_timeout).map_err(Problem::Transport)?;
         Ok(Some(SqlLister {
             host: url.host_str().unwrap_or_default().to_string(),
             base: url.clone(),
