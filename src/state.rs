@@ -22,6 +22,9 @@
 //!   page is found at start-up, not in the middle of a cycle. A panic inside sled while
 //!   opening or reading is caught and reported the same way. `state rebuild`
 //!   ([`crate::rebuild`]) moves such a store aside ([`retire`]) and rebuilds a new one.
+//!   The one exception is a store whose set-up never finished (no commit marker: the
+//!   daemon was killed during its first start, before anything was committed): it is
+//!   moved aside the same way and set up again at once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -555,7 +558,27 @@ impl Store {
         // no snapshot, reads garbage as "the log ends here" and opens empty). Without a
         // marker the set-up never finished (a kill during the first start): set up again.
         let existed = std::fs::symlink_metadata(path.join(COMMIT_MARKER)).is_ok();
-        let db = open_sled(&path)?;
+        let db = match open_sled(&path) {
+            Ok(db) => db,
+            // A kill during the first start can also leave sled's own files half-written
+            // (its `conf` is not written atomically), so that sled cannot open them.
+            // Without a marker nothing was ever committed there: keep the files aside
+            // (never deleted) and set up again.
+            Err(StateError::Damaged { detail, .. }) if !existed => {
+                let moved_to = match retire(dir, Utc::now())? {
+                    Retired::Moved { to, .. } => to.display().to_string(),
+                    Retired::Absent => String::new(),
+                };
+                tracing::warn!(
+                    path = %path.display(),
+                    moved_to,
+                    detail,
+                    "the store was never completely set up (no commit marker) and sled cannot read its files; moved them aside and setting up a new store"
+                );
+                open_sled(&path)?
+            }
+            Err(e) => return Err(e),
+        };
         let mut store = Store {
             db,
             path,
@@ -1174,6 +1197,40 @@ mod tests {
         let err = Store::open(dir.path()).err().expect("refused");
         assert!(matches!(err, StateError::Damaged { .. }), "{err}");
         assert!(err.to_string().contains("commit 3"), "{err}");
+        assert!(err.is_unusable_store());
+    }
+
+    /// sled's `conf` cut short, as a kill while sled writes it leaves it.
+    fn cut_conf(dir: &Path) {
+        let conf = dir.join("db").join("conf");
+        let text = std::fs::read(&conf).unwrap();
+        std::fs::write(&conf, &text[..text.len() / 2]).unwrap();
+    }
+
+    #[tokio::test]
+    async fn unreadable_files_of_a_store_never_set_up_are_moved_aside_and_set_up_again() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        // A kill during the first start: no marker yet, sled's conf half-written.
+        std::fs::remove_file(dir.path().join("db").join(COMMIT_MARKER)).unwrap();
+        cut_conf(dir.path());
+        let store = Store::open(dir.path()).expect("set up again");
+        let mut batch = Batch::default();
+        batch.put_image(&ImageRecord::new(digest('d'), "m".into(), Utc::now()));
+        store.commit(batch).await.unwrap();
+        assert!(store.get_image(&digest('d')).unwrap().is_some());
+        let aside: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with("db.corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "the old files are kept aside: {aside:?}");
+
+        // The same damage to a store that was set up (it has its marker) is refused.
+        drop(store);
+        cut_conf(dir.path());
+        let err = Store::open(dir.path()).err().expect("refused");
+        assert!(matches!(err, StateError::Damaged { .. }), "{err}");
         assert!(err.is_unusable_store());
     }
 
