@@ -15,7 +15,8 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use spcs_image_scanner::state::ImageStatus;
 use support::daemon::{
-    Auth, RunningDaemon, Scanner, hanging_wrapper, using_standin, wait_for_file, wrapper_script,
+    Auth, Gated, RunningDaemon, Scanner, gated_wrapper, hanging_wrapper, using_standin,
+    wait_for_file, wait_for_pid,
 };
 use support::oci::{DebianImage, ManifestFormat, PushedManifest, Pusher};
 use support::registry::{RegistryOptions, TestRegistry};
@@ -54,21 +55,6 @@ async fn post(url: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
     (status, v)
 }
 
-/// Waits (bounded) until the API answers `/healthz`.
-async fn wait_api(api: &str, daemon: &mut RunningDaemon) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = http().get(format!("{api}/healthz")).send().await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        assert!(daemon.is_running(), "daemon exited\n{}", daemon.output());
-        assert!(Instant::now() < deadline, "API not up\n{}", daemon.output());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Starts the daemon; returns once its first cycle scanned `scanned` images and the API
 /// answers.
 async fn start(scanner: &Scanner, scanned: u64) -> RunningDaemon {
@@ -78,7 +64,7 @@ async fn start(scanner: &Scanner, scanned: u64) -> RunningDaemon {
             e["scanned"] == scanned
         })
         .await;
-    wait_api(&scanner.api_url(), &mut daemon).await;
+    daemon.wait_api(&scanner.api_url()).await;
     daemon
 }
 
@@ -569,7 +555,7 @@ async fn a_registry_push_notification_scans_without_waiting_for_the_cron_tick() 
     daemon
         .wait_for("cycle finished", 1, Duration::from_secs(120), |_| true)
         .await;
-    wait_api(&api, &mut daemon).await;
+    daemon.wait_api(&api).await;
 
     // Without the secret, events are refused.
     let envelope = json!({"events": [{"action": "push", "target": {"repository": "demo/pushed", "tag": "1"}}]}).to_string();
@@ -747,12 +733,7 @@ async fn sigterm_during_a_scan_stops_in_time_leaves_no_scanner_and_the_digest_is
     scanner.syft = hangs.script.clone();
     let mut daemon = scanner.spawn_run();
     wait_for_file(&hangs.started, Duration::from_secs(120)).await;
-    let pgid: i32 = std::fs::read_to_string(&hangs.pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(pgid > 1);
+    let pgid = wait_for_pid(&hangs.pidfile, Duration::from_secs(5)).await;
     let stop = Instant::now();
     daemon.signal(Signal::SIGTERM);
     let code = daemon.wait_exit(Duration::from_secs(30)).await;
@@ -800,22 +781,14 @@ async fn sigterm_during_a_scan_stops_in_time_leaves_no_scanner_and_the_digest_is
 #[tokio::test]
 async fn a_burst_of_1000_rescans_for_one_image_queues_one_job_and_the_api_stays_responsive() {
     let (_registry, image, mut scanner) = one_image("demo/burst").await;
-    let gate = scanner.dir.path().join("gate");
-    let started = scanner.dir.path().join("grype-started");
-    let release = scanner.dir.path().join("grype-release");
-    // grype waits for the test only while the gate file exists.
-    let gated = wrapper_script(
-        scanner.dir.path(),
-        "grype-gated",
-        &format!(
-            "if [ -e {gate:?} ]; then touch {started:?}; i=0; while [ ! -e {release:?} ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done; fi",
-            gate = gate.display().to_string(),
-            started = started.display().to_string(),
-            release = release.display().to_string()
-        ),
-        &support::daemon::grype(),
-    );
-    scanner.grype = Some(gated);
+    // grype waits (bounded: 120 s) for the test while the gate file exists.
+    let Gated {
+        script,
+        gate,
+        started,
+        release,
+    } = gated_wrapper(scanner.dir.path(), "grype-gated", &support::daemon::grype());
+    scanner.grype = Some(script);
     let api = scanner.api_url();
     let mut daemon = start(&scanner, 1).await;
     std::fs::write(&gate, b"").unwrap();
@@ -882,7 +855,7 @@ async fn readyz_fails_without_a_usable_db_and_when_cycles_keep_failing() {
     scanner.api = "ready_max_failing = \"2s\"".into();
     let api = scanner.api_url();
     let mut daemon = scanner.spawn_run();
-    wait_api(&api, &mut daemon).await;
+    daemon.wait_api(&api).await;
     // The first failed cycle: not ready only once failing for longer than 2 s.
     let deadline = Instant::now() + Duration::from_secs(60);
     let (code, ready) = loop {
@@ -953,7 +926,7 @@ async fn readyz_fails_without_a_usable_db_and_when_cycles_keep_failing() {
                 |_| true,
             )
             .await;
-        wait_api(&api, &mut daemon).await;
+        daemon.wait_api(&api).await;
         let (code, ready) = get_json(&format!("{api}/readyz")).await;
         assert_eq!(code, 503, "{ready}");
         assert!(

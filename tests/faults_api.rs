@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt as _;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
-use support::daemon::{RunningDaemon, Scanner, free_port, wait_for_file, wrapper_script};
+use support::daemon::{Gated, RunningDaemon, Scanner, free_port, gated_wrapper, wait_for_file};
 use support::oci::{DebianImage, ManifestFormat, Pusher};
 use support::registry::TestRegistry;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -45,39 +45,12 @@ async fn get_json(client: &reqwest::Client, url: &str) -> (u16, Value) {
     (status, v)
 }
 
-/// Waits (bounded) until the API answers `/healthz`.
-async fn wait_api(api: &str, daemon: &mut RunningDaemon) {
-    let client = http();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = client.get(format!("{api}/healthz")).send().await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        assert!(daemon.is_running(), "daemon exited\n{}", daemon.output());
-        assert!(Instant::now() < deadline, "API not up\n{}", daemon.output());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The daemon's peak resident set (VmHWM), in kB, from /proc.
-fn vm_hwm_kb(daemon: &RunningDaemon) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.child.id()))
-        .expect("read /proc/<pid>/status of the running daemon");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmHWM in {status}"))
-}
-
 /// A daemon whose registry is a closed loopback port: its cycles fail, its API serves.
 async fn daemon_without_registry(api_lines: &str) -> (Scanner, RunningDaemon) {
     let mut scanner = Scanner::new(&format!("http://127.0.0.1:{}", free_port()));
     scanner.api = api_lines.to_string();
     let mut daemon = scanner.spawn_run();
-    wait_api(&scanner.api_url(), &mut daemon).await;
+    daemon.wait_api(&scanner.api_url()).await;
     (scanner, daemon)
 }
 
@@ -180,7 +153,7 @@ async fn a_slowloris_client_is_cut_off_by_the_request_timeout_and_others_are_sti
     );
     assert!(ok >= 5, "/healthz kept answering: {ok} answers");
     assert!(daemon.is_running());
-    let hwm = vm_hwm_kb(&daemon);
+    let hwm = daemon.peak_rss_kib();
     assert!(hwm < MAX_HWM_KB, "VmHWM {hwm} kB");
     daemon.signal(Signal::SIGTERM);
     assert_eq!(daemon.wait_exit(Duration::from_secs(30)).await, Some(0));
@@ -551,7 +524,7 @@ async fn bad_bodies_get_4xx_with_a_json_error_and_the_daemon_stays_up() {
     let (code, _) = get_json(&client, &format!("{api}/status")).await;
     assert_eq!(code, 200);
     assert!(daemon.is_running());
-    let hwm = vm_hwm_kb(&daemon);
+    let hwm = daemon.peak_rss_kib();
     assert!(hwm < MAX_HWM_KB, "VmHWM {hwm} kB");
     daemon.signal(Signal::SIGTERM);
     assert_eq!(daemon.wait_exit(Duration::from_secs(30)).await, Some(0));
@@ -622,21 +595,14 @@ async fn rescan_bursts_over_distinct_scopes_are_capped_coalesced_and_bounded_in_
         .await
         .expect("push image");
     let mut scanner = Scanner::new(&registry.url());
-    let gate = scanner.dir.path().join("gate");
-    let started = scanner.dir.path().join("grype-started");
-    let release = scanner.dir.path().join("grype-release");
     // grype waits (bounded: 120 s) for the test while the gate file exists.
-    scanner.grype = Some(wrapper_script(
-        scanner.dir.path(),
-        "grype-gated",
-        &format!(
-            "if [ -e {gate:?} ]; then touch {started:?}; i=0; while [ ! -e {release:?} ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done; fi",
-            gate = gate.display().to_string(),
-            started = started.display().to_string(),
-            release = release.display().to_string()
-        ),
-        &support::daemon::grype(),
-    ));
+    let Gated {
+        script,
+        gate,
+        started,
+        release,
+    } = gated_wrapper(scanner.dir.path(), "grype-gated", &support::daemon::grype());
+    scanner.grype = Some(script);
     let api = scanner.api_url();
     let client = http();
     // The start-up cycle's scan holds in grype: the cycle (and so the control loop)
@@ -644,7 +610,7 @@ async fn rescan_bursts_over_distinct_scopes_are_capped_coalesced_and_bounded_in_
     std::fs::write(&gate, b"").unwrap();
     let mut daemon = scanner.spawn_run();
     wait_for_file(&started, Duration::from_secs(120)).await;
-    wait_api(&api, &mut daemon).await;
+    daemon.wait_api(&api).await;
 
     // Phase 1: 1,100 distinct scopes (repositories that do not exist) while nothing
     // can start: 1,024 wait, the rest are refused with 503.
@@ -672,7 +638,7 @@ async fn rescan_bursts_over_distinct_scopes_are_capped_coalesced_and_bounded_in_
         .buffer_unordered(100)
         .collect()
         .await;
-    peak.fetch_max(vm_hwm_kb(&daemon), Ordering::SeqCst);
+    peak.fetch_max(daemon.peak_rss_kib(), Ordering::SeqCst);
     let accepted: BTreeSet<&str> = answers
         .iter()
         .filter(|(code, _)| *code == 202)
@@ -707,7 +673,7 @@ async fn rescan_bursts_over_distinct_scopes_are_capped_coalesced_and_bounded_in_
     // and queues nothing.
     std::fs::write(&release, b"go").unwrap();
     wait_drained(&client, &api, Duration::from_secs(180)).await;
-    peak.fetch_max(vm_hwm_kb(&daemon), Ordering::SeqCst);
+    peak.fetch_max(daemon.peak_rss_kib(), Ordering::SeqCst);
     let mut jobs = 0;
     let mut done = 0;
     for id in &accepted {
@@ -773,7 +739,7 @@ async fn rescan_bursts_over_distinct_scopes_are_capped_coalesced_and_bounded_in_
         .collect()
         .await;
     wait_for_file(&started, Duration::from_secs(120)).await;
-    peak.fetch_max(vm_hwm_kb(&daemon), Ordering::SeqCst);
+    peak.fetch_max(daemon.peak_rss_kib(), Ordering::SeqCst);
     assert!(
         answers.iter().all(|(_, code, _)| *code == 202),
         "all accepted"
@@ -824,7 +790,7 @@ async fn rescan_bursts_over_distinct_scopes_are_capped_coalesced_and_bounded_in_
         "/healthz failed during the bursts: {unhealthy:?}"
     );
     assert!(ok >= 10, "/healthz answered throughout: {ok}");
-    peak.fetch_max(vm_hwm_kb(&daemon), Ordering::SeqCst);
+    peak.fetch_max(daemon.peak_rss_kib(), Ordering::SeqCst);
     let hwm = peak.load(Ordering::SeqCst);
     assert!(hwm < MAX_HWM_KB, "VmHWM {hwm} kB");
     daemon.signal(Signal::SIGTERM);

@@ -9,10 +9,10 @@
 
 mod support;
 
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use support::daemon::tree;
 
 /// One broken config: the text of the file (from the valid base), the environment, and
 /// what stderr must name.
@@ -367,25 +367,6 @@ fn cases() -> Vec<Case> {
             never: &["env-secret-pw"],
         },
     ]
-}
-
-/// Every path under `root`, relative.
-fn tree(root: &Path) -> BTreeSet<PathBuf> {
-    let mut out = BTreeSet::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let path = e.path();
-            out.insert(path.strip_prefix(root).expect("under root").to_path_buf());
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(path);
-            }
-        }
-    }
-    out
 }
 
 struct Ran {

@@ -17,10 +17,9 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use spcs_image_scanner::state::ImageStatus;
-use support::daemon::{Scanner, assert_failure_record, wrapper_script};
+use support::daemon::{Scanner, assert_failure_record, files_under, wrapper_script};
 use support::oci::{DebianImage, ManifestFormat, PushedManifest, Pusher};
 use support::registry::{RegistryOptions, TestRegistry};
 use support::reliability::{Tried, record};
@@ -121,42 +120,17 @@ impl Drop for Mounted {
     }
 }
 
-/// Waits until every digest's `next_retry` has passed.
-async fn wait_until_due(scanner: &Scanner, digests: &[&str]) {
-    let due = digests
-        .iter()
-        .filter_map(|d| scanner.image(d).and_then(|i| i.next_retry))
-        .max();
-    if let Some(due) = due {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while chrono::Utc::now() <= due + chrono::Duration::milliseconds(50) {
-            assert!(Instant::now() < deadline, "retry never came due: {due}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
 /// Every file under `dir` (recursively), relative to it.
-fn files_under(dir: &Path) -> Vec<String> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                walk(root, &path, out);
-            } else {
-                out.push(
-                    path.strip_prefix(root)
-                        .expect("under root")
-                        .display()
-                        .to_string(),
-                );
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out);
-    out.sort();
-    out
+fn relative_files(dir: &Path) -> Vec<String> {
+    files_under(dir)
+        .iter()
+        .map(|p| {
+            p.strip_prefix(dir)
+                .expect("under dir")
+                .display()
+                .to_string()
+        })
+        .collect()
 }
 
 /// No partial file: every JSON file under `output.dir` parses, and every result file is
@@ -164,7 +138,7 @@ fn files_under(dir: &Path) -> Vec<String> {
 fn assert_no_partial_file(scanner: &Scanner, skip: &[&str], case: &str) {
     let output = scanner.output_dir();
     let images = scanner.images();
-    for name in files_under(&output) {
+    for name in relative_files(&output) {
         if skip.contains(&name.as_str()) {
             continue;
         }
@@ -262,7 +236,7 @@ async fn a_file_where_the_scans_directory_must_be_fails_the_scans_and_they_recov
     assert_no_partial_file(&scanner, &["scans"], "scans is a file");
 
     std::fs::remove_file(&blocker).expect("remove blocker");
-    wait_until_due(&scanner, &[&a.digest, &b.digest]).await;
+    scanner.wait_until_due(&[&a.digest, &b.digest]).await;
     let run = scanner.once();
     assert_eq!(run.code, Some(0), "{}", run.stdout);
     for digest in [&a.digest, &b.digest] {
@@ -301,7 +275,7 @@ async fn a_read_only_output_mount_fails_the_cycle_or_the_scan_without_advancing_
     );
     assert!(scanner.images().is_empty(), "nothing committed");
     assert!(scanner.tags().is_empty(), "nothing committed");
-    assert!(files_under(&output).is_empty());
+    assert!(relative_files(&output).is_empty());
     mount.remount("rw");
     let run = scanner.once();
     assert_eq!(run.code, Some(0), "{}", run.stdout);
@@ -342,7 +316,7 @@ async fn a_read_only_output_mount_fails_the_cycle_or_the_scan_without_advancing_
         ),
         &support::daemon::syft(),
     );
-    let before = files_under(&output);
+    let before = relative_files(&output);
     let run = scanner.once();
     assert_eq!(run.code, Some(1), "{}", run.stdout);
     assert_eq!(run.summary()["failed"], 1, "{}", run.stdout);
@@ -350,7 +324,7 @@ async fn a_read_only_output_mount_fails_the_cycle_or_the_scan_without_advancing_
     let not_written = run.events("failure record not written; the failure is in state");
     assert_eq!(not_written.len(), 1, "{}", run.stdout);
     assert_eq!(not_written[0]["digest"], c.digest.as_str());
-    let after = files_under(&output);
+    let after = relative_files(&output);
     assert_eq!(
         after.len(),
         before.len() + 1,
@@ -360,7 +334,7 @@ async fn a_read_only_output_mount_fails_the_cycle_or_the_scan_without_advancing_
 
     std::fs::remove_file(&flag).expect("fault off");
     mount.remount("rw");
-    wait_until_due(&scanner, &[&c.digest]).await;
+    scanner.wait_until_due(&[&c.digest]).await;
     let run = scanner.once();
     assert_eq!(run.code, Some(0), "{}", run.stdout);
     assert_scanned_once(&scanner, &c.digest, 2, "rw after mid-scan");
@@ -428,7 +402,7 @@ async fn a_full_output_disk_fails_the_scans_leaves_no_partial_file_and_recovers_
     assert_no_partial_file(&scanner, &["filler"], "disk full");
 
     std::fs::remove_file(&filler).expect("space returns");
-    wait_until_due(&scanner, &[&a.digest, &b.digest]).await;
+    scanner.wait_until_due(&[&a.digest, &b.digest]).await;
     let run = scanner.once();
     assert_eq!(run.code, Some(0), "{}", run.stdout);
     for digest in [&a.digest, &b.digest] {
@@ -492,7 +466,7 @@ async fn results_over_the_file_size_limit_never_stand_as_partial_files_and_are_s
     let first = "the result copies failed with EFBIG (the daemon survives SIGXFSZ), both scans failed, no partial file";
 
     // Without the limit each image ends with exactly one complete result.
-    wait_until_due(&scanner, &[&a.digest, &b.digest]).await;
+    scanner.wait_until_due(&[&a.digest, &b.digest]).await;
     let run = scanner.once();
     assert_eq!(run.code, Some(0), "{}", run.stdout);
     for digest in [&a.digest, &b.digest] {

@@ -16,9 +16,8 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead as _, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,7 +25,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use spcs_image_scanner::digest::Digest;
 use spcs_image_scanner::state::{ImageStatus, Store};
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+use support::daemon::{RunningDaemon, tree, wait_with_timeout};
+use support::http1::read_request;
+use tokio::io::AsyncWriteExt as _;
 
 /// A generous bound on the daemon's peak resident memory.
 const MAX_HWM_KB: u64 = 150 * 1024;
@@ -124,33 +125,10 @@ impl Registry {
                     let (read, mut write) = stream.into_split();
                     let mut reader = tokio::io::BufReader::new(read);
                     loop {
-                        let mut line = String::new();
-                        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        let Some(request) = read_request(&mut reader).await else {
                             return;
-                        }
-                        let mut parts = line.split_whitespace();
-                        let method = parts.next().unwrap_or_default().to_string();
-                        let target = parts.next().unwrap_or_default().to_string();
-                        let mut length = 0usize;
-                        loop {
-                            let mut h = String::new();
-                            if reader.read_line(&mut h).await.unwrap_or(0) == 0 {
-                                return;
-                            }
-                            let h = h.trim_end();
-                            if h.is_empty() {
-                                break;
-                            }
-                            if let Some((k, v)) = h.split_once(':') {
-                                if k.trim().eq_ignore_ascii_case("content-length") {
-                                    length = v.trim().parse().unwrap_or(0);
-                                }
-                            }
-                        }
-                        let mut body = vec![0u8; length];
-                        if length > 0 && reader.read_exact(&mut body).await.is_err() {
-                            return;
-                        }
+                        };
+                        let (method, target) = (request.method, request.target);
                         let url = url::Url::parse(&format!("http://x{target}"))
                             .unwrap_or_else(|_| url::Url::parse("http://x/").expect("url"));
                         let request = Received {
@@ -395,7 +373,7 @@ impl Setup {
     /// `once`, bounded.
     fn once(&self) -> Ran {
         let child = self.command("once").spawn().expect("spawn once");
-        let out = wait_bounded(child, Duration::from_secs(120));
+        let out = wait_with_timeout(child, Duration::from_secs(120));
         Ran {
             code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).to_string(),
@@ -406,76 +384,38 @@ impl Setup {
     /// `run` until its first cycle finished; returns the daemon's VmHWM then, after
     /// stopping it with SIGTERM, and its output.
     fn run_first_cycle(&self) -> (u64, Ran) {
-        let mut child = self.command("run").spawn().expect("spawn run");
-        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-        let mut readers = Vec::new();
-        for stream in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")) as Box<dyn std::io::Read + Send>,
-        ] {
-            let lines = lines.clone();
-            readers.push(std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    lines.lock().expect("lines").push(line);
-                }
-            }));
-        }
+        let mut daemon = RunningDaemon::spawn(self.command("run"));
         let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let done = lines
-                .lock()
-                .expect("lines")
-                .iter()
-                .any(|l| l.contains("\"cycle finished\"") || l.contains("\"cycle failed"));
-            if done {
-                break;
-            }
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                panic!(
-                    "daemon exited ({status}) before its first cycle ended\n{}",
-                    lines.lock().expect("lines").join("\n")
-                );
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!(
-                    "no cycle within 120 s\n{}",
-                    lines.lock().expect("lines").join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        let hwm = vm_hwm_kb(child.id());
-        let pid = i32::try_from(child.id()).expect("pid");
-        assert!(pid > 1);
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("SIGTERM");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("daemon did not stop within 30 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(25));
+        let ended = |d: &RunningDaemon| {
+            d.output()
+                .lines()
+                .any(|l| l.contains("\"cycle finished\"") || l.contains("\"cycle failed"))
         };
-        for r in readers {
-            let _ = r.join();
+        while !ended(&daemon) {
+            assert!(
+                daemon.is_running(),
+                "daemon exited before its first cycle ended\n{}",
+                daemon.output()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "no cycle within 120 s\n{}",
+                daemon.output()
+            );
+            std::thread::sleep(Duration::from_millis(25));
         }
-        let text = lines.lock().expect("lines").join("\n");
-        (
-            hwm,
-            Ran {
-                code: status.code(),
-                stdout: text,
-                stderr: String::new(),
-            },
-        )
+        let hwm = daemon.peak_rss_kib();
+        let code = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(daemon.stop(Duration::from_secs(30)));
+        let ran = Ran {
+            code,
+            stdout: daemon.output(),
+            stderr: String::new(),
+        };
+        (hwm, ran)
     }
 
     fn store(&self) -> Store {
@@ -520,54 +460,6 @@ impl Ran {
     fn show(&self) -> String {
         format!("stdout:\n{}\nstderr:\n{}", self.stdout, self.stderr)
     }
-}
-
-fn wait_bounded(mut child: Child, timeout: Duration) -> std::process::Output {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "did not finish within {timeout:?}\n{}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn vm_hwm_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("read /proc/<pid>/status of the running daemon");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmHWM in {status}"))
-}
-
-/// Every path under `root`, relative.
-fn tree(root: &Path) -> BTreeSet<PathBuf> {
-    let mut out = BTreeSet::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let path = e.path();
-            out.insert(path.strip_prefix(root).expect("under root").to_path_buf());
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(path);
-            }
-        }
-    }
-    out
 }
 
 /// Asserts that every path created under the root since `before` lies under

@@ -16,13 +16,11 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use spcs_image_scanner::state::ImageStatus;
-use support::daemon::{RunOutput, Scanner};
+use support::daemon::{RunOutput, RunningDaemon, Scanner};
 use support::fault_proxy::{Fault, FaultProxy, PathKind, Rule, count};
 use support::oci::{DebianImage, ManifestFormat, PushedManifest, Pusher};
 use support::registry::{RegistryOptions, TestRegistry};
@@ -78,11 +76,7 @@ fn hex(digest: &str) -> String {
 
 /// The binary with this file's registry settings (environment overrides the file).
 fn command(scanner: &Scanner, args: &[&str]) -> Command {
-    scanner.write_config();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spcs-image-scanner"));
-    cmd.arg("--config").arg(scanner.config_path()).args(args);
-    cmd.env_remove("RUST_LOG");
-    cmd.env_remove("SPCS_IMAGE_SCANNER_CONFIG");
+    let mut cmd = scanner.command(args);
     cmd.env("SCANNER__REGISTRY__MAX_RETRIES", MAX_RETRIES.to_string());
     cmd.env(
         "SCANNER__REGISTRY__REQUEST_TIMEOUT",
@@ -870,107 +864,6 @@ async fn retry_after_is_waited_for_and_one_beyond_the_cap_fails_at_once() {
     );
 }
 
-/// A `run` daemon with its log lines collected (this file's registry settings).
-struct Daemon {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Daemon {
-    fn start(scanner: &Scanner) -> Daemon {
-        let mut child = command(scanner, &["run"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn run");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        for stream in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")) as Box<dyn std::io::Read + Send>,
-        ] {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    lines.lock().expect("lines").push(line);
-                }
-            });
-        }
-        Daemon { child, lines }
-    }
-
-    fn output(&self) -> String {
-        self.lines.lock().expect("lines").join("\n")
-    }
-
-    fn events(&self, message: &str) -> Vec<serde_json::Value> {
-        self.lines
-            .lock()
-            .expect("lines")
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["message"] == message)
-            .collect()
-    }
-
-    /// Waits (bounded) for a `message` line after the first `after` ones that matches
-    /// `pred`; returns it.
-    async fn wait_for(
-        &mut self,
-        message: &str,
-        after: usize,
-        timeout: Duration,
-        pred: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(e) = self.events(message).into_iter().skip(after).find(&pred) {
-                return e;
-            }
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!(
-                    "daemon exited ({status}) waiting for {message:?}\n{}",
-                    self.output()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {message:?} within {timeout:?}: the daemon hangs?\n{}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    async fn stop(&mut self) -> Option<i32> {
-        let pid = i32::try_from(self.child.id()).expect("pid");
-        assert!(pid > 1, "daemon pid");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("SIGTERM");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no exit after SIGTERM\n{}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn a_registry_that_fails_then_never_answers_is_survived_and_the_next_clean_cycle_scans_each_digest_once()
  {
@@ -995,11 +888,11 @@ async fn a_registry_that_fails_then_never_answers_is_survived_and_the_next_clean
             .method("HEAD")
             .kind(PathKind::Manifest),
     );
-    let mut daemon = Daemon::start(&s.scanner);
+    let mut daemon = RunningDaemon::spawn(command(&s.scanner, &["run"]));
     let deadline = Duration::from_secs(60);
     for n in 0..2 {
         let e = daemon
-            .wait_for("cycle finished", n, deadline, |_| true)
+            .wait_next("cycle finished", n, deadline, |_| true)
             .await;
         assert_eq!(e["errors"], 3, "{e}");
         assert_eq!(e["added"], 0, "{e}");
@@ -1024,7 +917,7 @@ async fn a_registry_that_fails_then_never_answers_is_survived_and_the_next_clean
         .len();
     let mark = s.proxy.mark();
     let e = daemon
-        .wait_for(
+        .wait_next(
             "cycle failed; will try again at the next tick",
             failed_before,
             deadline,
@@ -1055,7 +948,7 @@ async fn a_registry_that_fails_then_never_answers_is_survived_and_the_next_clean
     s.proxy.clear();
     let finished_before = daemon.events("cycle finished").len();
     let e = daemon
-        .wait_for(
+        .wait_next(
             "cycle finished",
             finished_before,
             Duration::from_secs(120),
@@ -1067,11 +960,16 @@ async fn a_registry_that_fails_then_never_answers_is_survived_and_the_next_clean
     // And one more clean cycle: unchanged, nothing scanned again.
     let finished_before = daemon.events("cycle finished").len();
     let e = daemon
-        .wait_for("cycle finished", finished_before, deadline, |_| true)
+        .wait_next("cycle finished", finished_before, deadline, |_| true)
         .await;
     assert_eq!(e["unchanged"], 3, "{e}");
     assert_eq!(e["scanned"], 0, "{e}");
-    assert_eq!(daemon.stop().await, Some(0), "{}", daemon.output());
+    assert_eq!(
+        daemon.stop(Duration::from_secs(30)).await,
+        Some(0),
+        "{}",
+        daemon.output()
+    );
 
     let started: BTreeSet<String> = daemon
         .events("scan started")

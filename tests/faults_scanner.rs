@@ -20,14 +20,13 @@
 
 mod support;
 
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use spcs_image_scanner::state::ImageStatus;
-use support::daemon::{Scanner, assert_failure_record, wait_for_file, wrapper_script};
+use support::daemon::{
+    RunningDaemon, Scanner, assert_failure_record, command, wait_for_pid, wrapper_script,
+};
 use support::oci::{DebianImage, ManifestFormat, PushedManifest, Pusher};
 use support::registry::{RegistryOptions, TestRegistry};
 use support::reliability::{Tried, record};
@@ -75,21 +74,6 @@ fn only_for(digest: &str, flag: &Path, fault: &str) -> String {
         flag = flag.display().to_string(),
         short = short(digest),
     )
-}
-
-/// Waits until every digest's `next_retry` has passed (the store is read between runs).
-async fn wait_until_due(scanner: &Scanner, digests: &[&str]) {
-    let due = digests
-        .iter()
-        .filter_map(|d| scanner.image(d).and_then(|i| i.next_retry))
-        .max();
-    if let Some(due) = due {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while chrono::Utc::now() <= due + chrono::Duration::milliseconds(50) {
-            assert!(Instant::now() < deadline, "retry never came due: {due}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
 }
 
 /// Entries under `state.dir/tmp` (a missing directory counts as empty).
@@ -254,7 +238,7 @@ async fn run_faults(faults: &[Fault], syft: bool, test: &str) {
     // alone.
     std::fs::remove_file(&flag).expect("faults off");
     let digests: Vec<&str> = images.iter().map(|i| i.digest.as_str()).collect();
-    wait_until_due(&scanner, &digests).await;
+    scanner.wait_until_due(&digests).await;
     let run = scanner.once();
     assert_eq!(run.code, Some(0), "{}", run.stdout);
     assert_eq!(run.summary()["scanned"], faults.len(), "{}", run.stdout);
@@ -373,7 +357,7 @@ async fn a_missing_syft_or_grype_fails_every_scan_naming_the_path_and_all_are_sc
         assert_failed(&scanner, digest, tag, &expected, "syft missing");
     }
     link(&support::daemon::syft(), &syft);
-    wait_until_due(&scanner, &[&a.digest, &b.digest]).await;
+    scanner.wait_until_due(&[&a.digest, &b.digest]).await;
     let run = scanner.once();
     assert_eq!(run.code, Some(0), "{}", run.stdout);
     for digest in [&a.digest, &b.digest] {
@@ -415,7 +399,7 @@ async fn a_missing_syft_or_grype_fails_every_scan_naming_the_path_and_all_are_sc
     }
     std::fs::remove_file(&flag).expect("fault off");
     link(&support::daemon::grype(), &grype);
-    wait_until_due(&scanner, &[&a.digest, &b.digest]).await;
+    scanner.wait_until_due(&[&a.digest, &b.digest]).await;
     let run = scanner.once();
     assert_eq!(run.code, Some(0), "{}", run.stdout);
     for digest in [&a.digest, &b.digest] {
@@ -506,7 +490,7 @@ async fn temp_files_a_scanner_leaves_in_its_working_dir_and_tmpdir_are_removed_a
     );
     assert_scanned_once(&scanner, &b.digest, 1, "littering");
     std::fs::remove_file(&flag).expect("fault off");
-    wait_until_due(&scanner, &[&a.digest]).await;
+    scanner.wait_until_due(&[&a.digest]).await;
     let run = scanner.once();
     assert_eq!(run.code, Some(0), "{}", run.stdout);
     assert_scanned_once(&scanner, &a.digest, 2, "littering");
@@ -592,125 +576,6 @@ fn config_with(scanner: &Scanner, replace: &[(&str, &str)]) -> PathBuf {
     path
 }
 
-/// `run` with a given config file, its JSON log lines collected.
-struct Daemon {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Daemon {
-    fn start(config: &Path) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_spcs-image-scanner"))
-            .arg("--config")
-            .arg(config)
-            .arg("run")
-            .env_remove("RUST_LOG")
-            .env_remove("SPCS_IMAGE_SCANNER_CONFIG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn run");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        for stream in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")) as Box<dyn std::io::Read + Send>,
-        ] {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    lines.lock().expect("lines").push(line);
-                }
-            });
-        }
-        Daemon { child, lines }
-    }
-
-    fn pid(&self) -> i32 {
-        let pid = i32::try_from(self.child.id()).expect("pid");
-        assert!(pid > 1, "daemon pid");
-        pid
-    }
-
-    fn output(&self) -> String {
-        self.lines.lock().expect("lines").join("\n")
-    }
-
-    fn events(&self, message: &str) -> Vec<serde_json::Value> {
-        self.lines
-            .lock()
-            .expect("lines")
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["message"] == message)
-            .collect()
-    }
-
-    /// Waits (bounded) for a `message` line about `digest`; fails if the daemon exits.
-    async fn wait_for(&mut self, message: &str, digest: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.events(message).iter().any(|e| e["digest"] == digest) {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!(
-                    "daemon exited ({status}) waiting for {message:?}\n{}",
-                    self.output()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {message:?} for {digest} within {timeout:?}\n{}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    /// The daemon's peak resident memory (`VmHWM`), in bytes.
-    fn peak_rss(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("daemon status");
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no VmHWM in\n{status}"));
-        kib * 1024
-    }
-
-    /// SIGTERM, then waits (bounded) for exit 0.
-    async fn stop(&mut self) {
-        assert!(
-            self.child.try_wait().expect("try_wait").is_none(),
-            "the daemon kept running through the fault\n{}",
-            self.output()
-        );
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid()),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("SIGTERM");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                assert_eq!(status.code(), Some(0), "{}", self.output());
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no exit after SIGTERM\n{}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Cycles every 2 s (so retries come without a restart), scans time out after
 /// `timeout`, and the back-off is 2 s.
 fn running_config(scanner: &mut Scanner, timeout: &str) -> PathBuf {
@@ -748,19 +613,10 @@ async fn a_hanging_syft_is_killed_with_its_whole_process_group_at_the_timeout_an
         &support::daemon::syft(),
     );
     // Generous for a real syft on a small image (about a second here), short for a hang.
-    let mut daemon = Daemon::start(&running_config(&mut scanner, "10s"));
+    let mut daemon = RunningDaemon::spawn(command(&running_config(&mut scanner, "10s"), &["run"]));
 
-    wait_for_file(&grandchild, Duration::from_secs(60)).await;
-    let read_pid = |p: &Path| -> i32 {
-        let pid: i32 = std::fs::read_to_string(p)
-            .expect("pid file")
-            .trim()
-            .parse()
-            .expect("pid");
-        assert!(pid > 1);
-        pid
-    };
-    let (leader_pid, grandchild_pid) = (read_pid(&leader), read_pid(&grandchild));
+    let grandchild_pid = wait_for_pid(&grandchild, Duration::from_secs(60)).await;
+    let leader_pid = wait_for_pid(&leader, Duration::from_secs(5)).await;
     assert_eq!(
         group_members(leader_pid).len(),
         2,
@@ -768,10 +624,14 @@ async fn a_hanging_syft_is_killed_with_its_whole_process_group_at_the_timeout_an
     );
     // b is not held up by a's hang.
     daemon
-        .wait_for("scan finished", &b.digest, Duration::from_secs(60))
+        .wait_for("scan finished", 1, Duration::from_secs(60), |e| {
+            e["digest"] == b.digest.as_str()
+        })
         .await;
     daemon
-        .wait_for("scan failed", &a.digest, Duration::from_secs(60))
+        .wait_for("scan failed", 1, Duration::from_secs(60), |e| {
+            e["digest"] == a.digest.as_str()
+        })
         .await;
     std::fs::remove_file(&flag).expect("fault off");
     let failed = daemon
@@ -790,9 +650,11 @@ async fn a_hanging_syft_is_killed_with_its_whole_process_group_at_the_timeout_an
 
     // The fault gone: the retry (a later cycle, no restart) scans a once.
     daemon
-        .wait_for("scan finished", &a.digest, Duration::from_secs(60))
+        .wait_for("scan finished", 1, Duration::from_secs(60), |e| {
+            e["digest"] == a.digest.as_str()
+        })
         .await;
-    daemon.stop().await;
+    stop_cleanly(&mut daemon).await;
     assert_scanned_once(&scanner, &a.digest, 2, "hang");
     assert_scanned_once(&scanner, &b.digest, 1, "hang");
     let failures = scanner.failure_records();
@@ -839,24 +701,30 @@ async fn a_syft_flooding_stdout_and_stderr_with_hundreds_of_mb_leaves_the_daemon
         &only_for(&a.digest, &flag, &flood),
         &support::daemon::syft(),
     );
-    let mut daemon = Daemon::start(&running_config(&mut scanner, "120s"));
+    let mut daemon = RunningDaemon::spawn(command(&running_config(&mut scanner, "120s"), &["run"]));
     daemon
-        .wait_for("scan failed", &a.digest, Duration::from_secs(120))
+        .wait_for("scan failed", 1, Duration::from_secs(120), |e| {
+            e["digest"] == a.digest.as_str()
+        })
         .await;
     std::fs::remove_file(&flag).expect("fault off");
-    let peak = daemon.peak_rss();
+    let peak = daemon.peak_rss_kib() * 1024;
     assert!(
         peak < MEMORY_BOUND,
         "the daemon's peak RSS {peak} bytes after {} MiB of output is not bounded",
         2 * FLOOD / 1024 / 1024
     );
     daemon
-        .wait_for("scan finished", &b.digest, Duration::from_secs(60))
+        .wait_for("scan finished", 1, Duration::from_secs(60), |e| {
+            e["digest"] == b.digest.as_str()
+        })
         .await;
     daemon
-        .wait_for("scan finished", &a.digest, Duration::from_secs(60))
+        .wait_for("scan finished", 1, Duration::from_secs(60), |e| {
+            e["digest"] == a.digest.as_str()
+        })
         .await;
-    daemon.stop().await;
+    stop_cleanly(&mut daemon).await;
 
     assert_scanned_once(&scanner, &a.digest, 2, "flood");
     assert_scanned_once(&scanner, &b.digest, 1, "flood");
@@ -925,16 +793,13 @@ async fn a_grandchild_that_escapes_the_process_group_holding_the_pipes_open_does
         &only_for(&a.digest, &flag, &escape),
         &support::daemon::syft(),
     );
-    let mut daemon = Daemon::start(&running_config(&mut scanner, "120s"));
-    wait_for_file(&escaped, Duration::from_secs(60)).await;
-    let pid: i32 = std::fs::read_to_string(&escaped)
-        .expect("pid")
-        .trim()
-        .parse()
-        .expect("pid");
+    let mut daemon = RunningDaemon::spawn(command(&running_config(&mut scanner, "120s"), &["run"]));
+    let pid = wait_for_pid(&escaped, Duration::from_secs(60)).await;
     let _escaped = KillOnDrop(pid);
     daemon
-        .wait_for("scan failed", &a.digest, Duration::from_secs(60))
+        .wait_for("scan failed", 1, Duration::from_secs(60), |e| {
+            e["digest"] == a.digest.as_str()
+        })
         .await;
     std::fs::remove_file(&flag).expect("fault off");
     assert!(alive(pid), "the escaped sleeper still holds the pipes");
@@ -950,12 +815,16 @@ async fn a_grandchild_that_escapes_the_process_group_holding_the_pipes_open_does
         let_go[0]
     );
     daemon
-        .wait_for("scan finished", &b.digest, Duration::from_secs(60))
+        .wait_for("scan finished", 1, Duration::from_secs(60), |e| {
+            e["digest"] == b.digest.as_str()
+        })
         .await;
     daemon
-        .wait_for("scan finished", &a.digest, Duration::from_secs(60))
+        .wait_for("scan finished", 1, Duration::from_secs(60), |e| {
+            e["digest"] == a.digest.as_str()
+        })
         .await;
-    daemon.stop().await;
+    stop_cleanly(&mut daemon).await;
     let failures = scanner.failure_records();
     assert_eq!(failures.len(), 1, "{failures:?}");
     assert!(
@@ -976,4 +845,15 @@ async fn a_grandchild_that_escapes_the_process_group_holding_the_pipes_open_does
         lost: 0,
         test: "faults_scanner::a_grandchild_that_escapes_the_process_group_holding_the_pipes_open_does_not_hang_the_scan",
     });
+}
+
+/// SIGTERM to a daemon that must have kept running through the fault; it exits 0.
+async fn stop_cleanly(daemon: &mut RunningDaemon) {
+    assert!(
+        daemon.is_running(),
+        "the daemon kept running through the fault\n{}",
+        daemon.output()
+    );
+    let code = daemon.stop(Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0), "{}", daemon.output());
 }

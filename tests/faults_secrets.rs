@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use nix::sys::signal::Signal;
-use support::daemon::{Auth, Scanner};
+use support::daemon::{Auth, Scanner, files_under};
 use support::oci::{DebianImage, ManifestFormat, Pusher};
 use support::registry::{RegistryOptions, TestRegistry};
 use support::reliability::{Tried, record};
@@ -174,26 +174,6 @@ fn dumping_wrapper(dir: &Path, name: &str, dumps: &Path, target: &Path) -> PathB
     path
 }
 
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            match entry.file_type() {
-                Ok(t) if t.is_dir() => stack.push(path),
-                Ok(t) if t.is_file() => out.push(path),
-                _ => {}
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -309,7 +289,7 @@ fn parse_nul(bytes: &[u8]) -> Vec<String> {
 /// the channel variable. Panics if the secret is anywhere else in a child's argv or env.
 fn check_children(dumps: &Path, secret: &str) -> (usize, usize) {
     let (mut carried, mut invocations) = (0, 0);
-    for file in walk(dumps) {
+    for file in files_under(dumps) {
         let name = file.file_name().unwrap().to_string_lossy().to_string();
         let bytes = std::fs::read(&file).unwrap();
         if name.ends_with(".argv") {
@@ -509,8 +489,8 @@ async fn full_life(spcs: bool, test: &str) {
         check(&format!("{args:?} stderr"), &out.stderr);
     }
     let secret_file = scanner.secret_path();
-    let mut files = walk(scanner.dir.path());
-    files.extend(walk(&daemon_tmp));
+    let mut files = files_under(scanner.dir.path());
+    files.extend(files_under(&daemon_tmp));
     let sled_files = files
         .iter()
         .filter(|f| f.starts_with(scanner.state_dir().join("db")))

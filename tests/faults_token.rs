@@ -25,10 +25,11 @@ use base64::Engine as _;
 use nix::sys::signal::Signal;
 use spcs_image_scanner::state::ImageStatus;
 use support::daemon::{Auth, RunningDaemon, Scanner};
+use support::http1::{Request, read_request};
 use support::oci::{DebianImage, ManifestFormat, Pusher};
 use support::registry::{RegistryOptions, TestRegistry};
 use support::reliability::{Tried, record};
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncWriteExt as _, BufReader};
 
 const USER: &str = "0auth2accesstoken";
 /// User-Agent prefix of the daemon's own requests (syft's differ).
@@ -185,61 +186,6 @@ fn replace_file(path: &Path, token: &str) {
     let aside = path.with_extension("new");
     std::fs::write(&aside, format!("{token}\n")).expect("write new token file");
     std::fs::rename(&aside, path).expect("replace token file");
-}
-
-struct Request {
-    method: String,
-    target: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Request {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-async fn read_request(reader: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> Option<Request> {
-    let mut line = String::new();
-    if reader.read_line(&mut line).await.ok()? == 0 {
-        return None;
-    }
-    let mut parts = line.split_whitespace();
-    let method = parts.next()?.to_string();
-    let target = parts.next()?.to_string();
-    let mut headers = Vec::new();
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h).await.ok()? == 0 {
-            return None;
-        }
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-        }
-    }
-    let length: usize = headers
-        .iter()
-        .find(|(k, _)| k == "content-length")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0u8; length];
-    if length > 0 {
-        reader.read_exact(&mut body).await.ok()?;
-    }
-    Some(Request {
-        method,
-        target,
-        headers,
-        body,
-    })
 }
 
 /// The session token of `Basic base64(0auth2accesstoken:<token>)`.

@@ -18,17 +18,17 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::daemon::{Auth, Scanner};
+use support::daemon::{Auth, RunningDaemon, Scanner, wait_with_timeout};
+use support::http1;
 use support::oci::{DebianImage, ManifestFormat, PushedManifest, Pusher};
 use support::registry::{LoggedRequest, RegistryOptions, TestRegistry};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 
 /// User-Agent prefix of the daemon's own requests (syft's differ).
 const DAEMON_UA: &str = "spcs-image-scanner/";
@@ -219,62 +219,27 @@ async fn serve(
     let _ = write_reply(&mut socket, &reply).await;
 }
 
+/// One request off `socket` (bounded: a silent client is dropped after 10 s).
 async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<SqlRequest> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i;
-        }
-        if buf.len() > 64 * 1024 {
-            return None;
-        }
-        let n = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut chunk))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let mut lines = head.split("\r\n");
-    let mut first = lines.next()?.split(' ');
-    let method = first.next()?.to_string();
-    let target = first.next()?.to_string();
-    let headers: BTreeMap<String, String> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let length: usize = headers
-        .get("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let mut body = buf[head_end + 4..].to_vec();
-    while body.len() < length {
-        let n = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut chunk))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            break;
-        }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    let (path, query) = match target.split_once('?') {
-        Some((p, q)) => (p.to_string(), q.to_string()),
-        None => (target.clone(), String::new()),
-    };
-    let query = url::form_urlencoded::parse(query.as_bytes())
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let mut reader = tokio::io::BufReader::new(socket);
+    let request = tokio::time::timeout(Duration::from_secs(10), http1::read_request(&mut reader))
+        .await
+        .ok()??;
+    let query = request
+        .target
+        .split_once('?')
+        .map(|(_, q)| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
     Some(SqlRequest {
-        method,
-        path,
+        method: request.method.clone(),
+        path: request.path().to_string(),
         query,
-        headers,
-        body,
+        headers: request.headers.into_iter().collect(),
+        body: request.body,
     })
 }
 
@@ -422,11 +387,8 @@ fn write_config(scanner: &Scanner, registry_lines: &str, request_timeout: &str, 
 }
 
 fn command(scanner: &Scanner, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spcs-image-scanner"));
-    cmd.arg("--config").arg(scanner.config_path()).args(args);
-    cmd.env_remove("RUST_LOG")
-        .env_remove("SPCS_IMAGE_SCANNER_CONFIG")
-        .env_remove("SNOWFLAKE_HOST");
+    let mut cmd = support::daemon::command(&scanner.config_path(), args);
+    cmd.env_remove("SNOWFLAKE_HOST");
     cmd
 }
 
@@ -451,117 +413,19 @@ fn events(output: &str, message: &str) -> Vec<Value> {
 
 /// `once` with the config as written, bounded.
 fn run_once(scanner: &Scanner) -> Once {
-    let mut child = command(scanner, &["once"])
+    let child = command(scanner, &["once"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn once");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let lines = collect_lines(&mut child);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("once did not finish\n{}", lines.lock().unwrap().join("\n"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    // The readers end with the pipes.
-    let settle = Instant::now() + Duration::from_secs(5);
-    while Arc::strong_count(&lines) > 1 && Instant::now() < settle {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let output = lines.lock().unwrap().join("\n");
+    let out = wait_with_timeout(child, Duration::from_secs(90));
     Once {
-        code: status.code(),
-        output,
-    }
-}
-
-fn collect_lines(child: &mut Child) -> Arc<Mutex<Vec<String>>> {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    for stream in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
-    ] {
-        let lines = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line);
-            }
-        });
-    }
-    lines
-}
-
-/// `run` in the background, its log lines collected.
-struct Daemon {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Daemon {
-    fn start(scanner: &Scanner) -> Daemon {
-        let mut child = command(scanner, &["run"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn run");
-        let lines = collect_lines(&mut child);
-        Daemon { child, lines }
-    }
-
-    fn output(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-
-    async fn wait_cycles(&mut self, count: usize, timeout: Duration) -> Vec<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let found = events(&self.output(), "cycle finished");
-            if found.len() >= count {
-                return found;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("daemon exited ({status})\n{}", self.output());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {count} cycles within {timeout:?}\n{}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// SIGTERM (to the daemon only) and a bounded wait for its exit code.
-    async fn stop(&mut self) -> Option<i32> {
-        let pid = i32::try_from(self.child.id()).unwrap();
-        assert!(pid > 1);
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s.code();
-            }
-            assert!(Instant::now() < deadline, "daemon did not stop");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        code: out.status.code(),
+        output: format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     }
 }
 
@@ -785,8 +649,10 @@ async fn sql_listing_matches_the_registry_path_with_one_request_per_image_reposi
     );
     server.allow.store(2, Ordering::SeqCst);
     let mark = registry.mark();
-    let mut daemon = Daemon::start(&scanner);
-    daemon.wait_cycles(1, Duration::from_secs(60)).await;
+    let mut daemon = RunningDaemon::spawn(command(&scanner, &["run"]));
+    daemon
+        .wait_for("cycle finished", 1, Duration::from_secs(60), |_| true)
+        .await;
     // Cycle 2 is held at its first SQL request while cycle 1 is counted.
     server.wait_posts(3, Duration::from_secs(30)).await;
     let cycle1 = registry.requests_since_settled(mark).await;
@@ -797,11 +663,18 @@ async fn sql_listing_matches_the_registry_path_with_one_request_per_image_reposi
 
     let mark = registry.mark();
     server.allow.store(4, Ordering::SeqCst);
-    daemon.wait_cycles(2, Duration::from_secs(30)).await;
+    daemon
+        .wait_for("cycle finished", 2, Duration::from_secs(30), |_| true)
+        .await;
     server.wait_posts(5, Duration::from_secs(30)).await;
     let cycle2 = registry.requests_since_settled(mark).await;
     let cycle2 = daemon_requests(&cycle2);
-    assert_eq!(daemon.stop().await, Some(0), "{}", daemon.output());
+    assert_eq!(
+        daemon.stop(Duration::from_secs(30)).await,
+        Some(0),
+        "{}",
+        daemon.output()
+    );
     let output = daemon.output();
 
     // One SQL request per image repository per cycle: two answered cycles, and cycle 3
@@ -1081,9 +954,16 @@ async fn a_digest_that_differs_from_the_registry_head_moves_the_image_repository
         "5s",
         "info",
     );
-    let mut daemon = Daemon::start(&scanner);
-    daemon.wait_cycles(3, Duration::from_secs(60)).await;
-    assert_eq!(daemon.stop().await, Some(0), "{}", daemon.output());
+    let mut daemon = RunningDaemon::spawn(command(&scanner, &["run"]));
+    daemon
+        .wait_for("cycle finished", 3, Duration::from_secs(60), |_| true)
+        .await;
+    assert_eq!(
+        daemon.stop(Duration::from_secs(30)).await,
+        Some(0),
+        "{}",
+        daemon.output()
+    );
     let output = daemon.output();
 
     let warnings = events(

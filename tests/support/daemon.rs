@@ -218,13 +218,10 @@ impl Scanner {
         self.config_path()
     }
 
-    fn command(&self, args: &[&str]) -> Command {
+    /// The binary with this scanner's config, written afresh.
+    pub fn command(&self, args: &[&str]) -> Command {
         self.write_config();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_spcs-image-scanner"));
-        cmd.arg("--config").arg(self.config_path()).args(args);
-        cmd.env_remove("RUST_LOG");
-        cmd.env_remove("SPCS_IMAGE_SCANNER_CONFIG");
-        cmd
+        command(&self.config_path(), args)
     }
 
     /// Runs `once` to its end (bounded).
@@ -245,30 +242,7 @@ impl Scanner {
 
     /// Starts `run` in the background.
     pub fn spawn_run(&self) -> RunningDaemon {
-        let mut child = self
-            .command(&["run"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn run");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let mut readers = Vec::new();
-        for stream in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")) as Box<dyn std::io::Read + Send>,
-        ] {
-            let lines = lines.clone();
-            readers.push(std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    lines.lock().expect("lines").push(line);
-                }
-            }));
-        }
-        RunningDaemon {
-            child,
-            lines,
-            readers,
-        }
+        RunningDaemon::spawn(self.command(&["run"]))
     }
 
     /// Opens the store (the daemon must not be running).
@@ -289,6 +263,22 @@ impl Scanner {
         self.store()
             .get_image(&Digest::parse(digest).expect("digest"))
             .expect("image")
+    }
+
+    /// Waits (bounded) until every digest's `next_retry` has passed (the store is read,
+    /// so the daemon must not be running).
+    pub async fn wait_until_due(&self, digests: &[&str]) {
+        let due = digests
+            .iter()
+            .filter_map(|d| self.image(d).and_then(|i| i.next_retry))
+            .max();
+        if let Some(due) = due {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while chrono::Utc::now() <= due + chrono::Duration::milliseconds(50) {
+                assert!(Instant::now() < deadline, "retry never came due: {due}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 
     pub fn tags(&self) -> Vec<TagRecord> {
@@ -431,7 +421,8 @@ fn list_names(dir: &Path) -> Vec<String> {
     names
 }
 
-fn wait_with_timeout(mut child: Child, timeout: Duration) -> std::process::Output {
+/// Waits (bounded) for `child` to finish; kills it and fails at `timeout`.
+pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> std::process::Output {
     let deadline = Instant::now() + timeout;
     loop {
         if child.try_wait().expect("try_wait").is_some() {
@@ -458,6 +449,46 @@ pub struct RunningDaemon {
 }
 
 impl RunningDaemon {
+    /// Starts `cmd` (the binary, normally with `run`) with its stdout and stderr lines
+    /// collected.
+    pub fn spawn(mut cmd: Command) -> RunningDaemon {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the daemon");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")) as Box<dyn std::io::Read + Send>,
+        ] {
+            let lines = lines.clone();
+            readers.push(std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    lines.lock().expect("lines").push(line);
+                }
+            }));
+        }
+        RunningDaemon {
+            child,
+            lines,
+            readers,
+        }
+    }
+
+    /// The daemon's pid (never 0 or 1, so that signalling it cannot hit a group).
+    pub fn pid(&self) -> i32 {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        assert!(pid > 1, "daemon pid {pid}");
+        pid
+    }
+
+    /// The daemon's peak resident set (`VmHWM`), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        vm_hwm_kib(self.child.id())
+    }
+
     /// Everything printed so far.
     pub fn output(&self) -> String {
         self.lines.lock().expect("lines").join("\n")
@@ -504,6 +535,61 @@ impl RunningDaemon {
         }
     }
 
+    /// Waits (bounded) for the first `message` line after the first `after` ones that
+    /// matches `pred`; returns it.
+    pub async fn wait_next(
+        &mut self,
+        message: &str,
+        after: usize,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.events(message).into_iter().skip(after).find(&pred) {
+                return e;
+            }
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!(
+                    "daemon exited ({status}) while waiting for {message:?}\n{}",
+                    self.output()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {message:?} within {timeout:?}: the daemon hangs?\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits (bounded) until the API at `api` answers `/healthz` with 200.
+    pub async fn wait_api(&mut self, api: &str) {
+        super::oci::install_crypto_provider();
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("HTTP client");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = client.get(format!("{api}/healthz")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(self.is_running(), "daemon exited\n{}", self.output());
+            assert!(Instant::now() < deadline, "API not up\n{}", self.output());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM to the daemon, then a bounded wait for its exit; returns its code.
+    pub async fn stop(&mut self, timeout: Duration) -> Option<i32> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait_exit(timeout).await
+    }
+
     /// True while the process runs.
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()
@@ -511,9 +597,8 @@ impl RunningDaemon {
 
     /// Sends a signal to the daemon process (only to it, never to a group).
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
-        let pid = i32::try_from(self.child.id()).expect("pid");
-        assert!(pid > 1, "daemon pid");
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("send signal");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal)
+            .expect("send signal");
     }
 
     /// A crash of the whole container: SIGKILL to the daemon, then to the scanner's
@@ -521,12 +606,7 @@ impl RunningDaemon {
     pub async fn crash(&mut self, scanner_pidfile: &Path) {
         self.signal(nix::sys::signal::Signal::SIGKILL);
         self.wait_exit(Duration::from_secs(10)).await;
-        let pid: i32 = std::fs::read_to_string(scanner_pidfile)
-            .expect("scanner pid file")
-            .trim()
-            .parse()
-            .expect("scanner pid");
-        assert!(pid > 1, "scanner pid {pid}");
+        let pid = wait_for_pid(scanner_pidfile, Duration::from_secs(10)).await;
         let _ = nix::sys::signal::killpg(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
@@ -580,6 +660,25 @@ pub async fn wait_for_file(path: &Path, timeout: Duration) {
     }
 }
 
+/// Waits (bounded) until `path` holds a pid and returns it (never 0 or 1): a shell's
+/// `echo $$ > file` creates the file before it writes the number.
+pub async fn wait_for_pid(path: &Path, timeout: Duration) -> i32 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Ok(pid) = text.trim().parse::<i32>() {
+            assert!(pid > 1, "pid {pid} in {}", path.display());
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pid in {} within {timeout:?} (it holds {text:?})",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Writes an executable wrapper around `target` that first runs `before` (shell) for
 /// scans, passing `version` and `db` commands straight through.
 pub fn wrapper_script(dir: &Path, name: &str, before: &str, target: &Path) -> PathBuf {
@@ -605,6 +704,42 @@ pub struct Hanging {
     pub pidfile: PathBuf,
 }
 
+/// A scanner wrapper held at a gate, and the files that work it.
+pub struct Gated {
+    pub script: PathBuf,
+    /// While this file exists, each scan waits at the gate.
+    pub gate: PathBuf,
+    /// Created when a scan reached the gate.
+    pub started: PathBuf,
+    /// Lets the waiting scans go on (they go on by themselves after 120 s).
+    pub release: PathBuf,
+}
+
+/// A wrapper around `target` that, while the gate file exists, announces each scan and
+/// waits (at most 120 s) for the release file before running it.
+pub fn gated_wrapper(dir: &Path, name: &str, target: &Path) -> Gated {
+    let gate = dir.join(format!("{name}.gate"));
+    let started = dir.join(format!("{name}.started"));
+    let release = dir.join(format!("{name}.release"));
+    let script = wrapper_script(
+        dir,
+        name,
+        &format!(
+            "if [ -e {gate:?} ]; then touch {started:?}; i=0; while [ ! -e {release:?} ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done; fi",
+            gate = gate.display().to_string(),
+            started = started.display().to_string(),
+            release = release.display().to_string()
+        ),
+        target,
+    );
+    Gated {
+        script,
+        gate,
+        started,
+        release,
+    }
+}
+
 /// A wrapper around `target` that, for scans, records its pid, announces itself, then
 /// hangs in a `sleep 300` child of its own.
 pub fn hanging_wrapper(dir: &Path, name: &str, target: &Path) -> Hanging {
@@ -625,4 +760,64 @@ pub fn hanging_wrapper(dir: &Path, name: &str, target: &Path) -> Hanging {
         started,
         pidfile,
     }
+}
+
+/// The binary with the config file `config` (as it is on disk) and `args`; the caller's
+/// `RUST_LOG` and `SPCS_IMAGE_SCANNER_CONFIG` are not passed on.
+pub fn command(config: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spcs-image-scanner"));
+    cmd.arg("--config").arg(config).args(args);
+    cmd.env_remove("RUST_LOG");
+    cmd.env_remove("SPCS_IMAGE_SCANNER_CONFIG");
+    cmd
+}
+
+/// Peak resident set (`VmHWM`) of process `pid`, in KiB.
+pub fn vm_hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("read /proc/<pid>/status of the running daemon");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in {status}"))
+}
+
+/// Every path under `root` (files and directories, recursively), relative to it.
+pub fn tree(root: &Path) -> BTreeSet<PathBuf> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            out.insert(path.strip_prefix(root).expect("under root").to_path_buf());
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(path);
+            }
+        }
+    }
+    out
+}
+
+/// Every regular file under `dir` (recursively, symlinks not followed), sorted.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(entry.path()),
+                Ok(t) if t.is_file() => out.push(entry.path()),
+                _ => {}
+            }
+        }
+    }
+    out.sort();
+    out
 }

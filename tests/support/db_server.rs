@@ -18,8 +18,10 @@ use flate2::Compression;
 use flate2::write::GzEncoder;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncWriteExt as _, BufReader};
 use tokio::net::TcpListener;
+
+use super::http1::read_request;
 
 /// Base path of the published DBs (grype's default is `https://grype.anchore.io/databases`).
 const BASE_PATH: &str = "/databases";
@@ -414,36 +416,14 @@ async fn serve_connection(
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).await? == 0 {
+        let Some(request) = read_request(&mut reader).await else {
             return Ok(());
-        }
-        let mut parts = line.split_whitespace();
-        let method = parts.next().unwrap_or_default().to_string();
-        let target = parts.next().unwrap_or_default();
-        let path = percent_decode(target.split('?').next().unwrap_or_default());
-        let mut length = 0usize;
-        let mut close = false;
-        loop {
-            let mut header = String::new();
-            if reader.read_line(&mut header).await? == 0 {
-                return Ok(());
-            }
-            let header = header.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':') {
-                let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
-                if name == "content-length" {
-                    length = value.parse().unwrap_or(0);
-                } else if name == "connection" && value.eq_ignore_ascii_case("close") {
-                    close = true;
-                }
-            }
-        }
-        let mut discard = vec![0u8; length];
-        reader.read_exact(&mut discard).await?;
+        };
+        let method = request.method.clone();
+        let path = percent_decode(request.path());
+        let close = request
+            .header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
 
         let reply = {
             let mut state = state.lock().expect("db server state");

@@ -8,6 +8,7 @@
 pub mod daemon;
 pub mod db_server;
 pub mod fault_proxy;
+pub mod http1;
 pub mod oci;
 pub mod registry;
 pub mod reliability;

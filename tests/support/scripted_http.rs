@@ -6,8 +6,10 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncWriteExt as _, BufReader};
 use tokio::net::TcpListener;
+
+use super::http1::read_request;
 
 /// A request as received.
 #[derive(Debug, Clone)]
@@ -74,39 +76,13 @@ impl ScriptedServer {
                     let (read, mut write) = stream.into_split();
                     let mut reader = BufReader::new(read);
                     loop {
-                        let mut line = String::new();
-                        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        let Some(request) = read_request(&mut reader).await else {
                             return;
-                        }
-                        let mut parts = line.split_whitespace();
-                        let method = parts.next().unwrap_or_default().to_string();
-                        let target = parts.next().unwrap_or_default().to_string();
-                        let mut headers = BTreeMap::new();
-                        loop {
-                            let mut h = String::new();
-                            if reader.read_line(&mut h).await.unwrap_or(0) == 0 {
-                                return;
-                            }
-                            let h = h.trim_end();
-                            if h.is_empty() {
-                                break;
-                            }
-                            if let Some((k, v)) = h.split_once(':') {
-                                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-                            }
-                        }
-                        let length: usize = headers
-                            .get("content-length")
-                            .and_then(|l| l.parse().ok())
-                            .unwrap_or(0);
-                        let mut body = vec![0u8; length];
-                        if length > 0 && reader.read_exact(&mut body).await.is_err() {
-                            return;
-                        }
+                        };
                         let request = Received {
-                            method,
-                            target,
-                            headers,
+                            method: request.method,
+                            target: request.target,
+                            headers: request.headers.into_iter().collect(),
                         };
                         let seen = {
                             let mut log = log.lock().expect("log");
