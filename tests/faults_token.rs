@@ -247,8 +247,10 @@ async fn answer(
     let user_agent = req.header("user-agent").unwrap_or_default().to_string();
     let path = req.target.split('?').next().unwrap_or_default().to_string();
     let head = req.method == "HEAD";
-    // Rotation first: this request was sent with the old credentials.
-    {
+    // Rotation first: this request was sent with the old credentials. The rotation, the
+    // request's place in the order of decisions and the token it is judged by are taken
+    // together, so that concurrent requests are judged by the rules of their place.
+    let (order, valid) = {
         let mut s = state.lock().unwrap();
         let fire = s
             .rotation
@@ -262,7 +264,10 @@ async fn answer(
             s.valid = Some(r.token);
             s.rotated_at = Some(s.decisions);
         }
-    }
+        let order = s.decisions;
+        s.decisions += 1;
+        (order, s.valid.clone())
+    };
     let authorization = req.header("authorization").unwrap_or_default().to_string();
     let log = |session: Option<String>, status: u16, order: usize| {
         state.lock().unwrap().log.push(Seen {
@@ -277,12 +282,8 @@ async fn answer(
 
     if flow == Flow::Bearer && path == "/token" {
         let session = basic_session(&authorization);
-        let mut s = state.lock().unwrap();
-        let ok = session.is_some() && session == s.valid;
-        let order = s.decisions;
-        s.decisions += 1;
+        let ok = session.is_some() && session == valid;
         if !ok {
-            drop(s);
             log(session, 401, order);
             return render(
                 401,
@@ -291,10 +292,13 @@ async fn answer(
                 false,
             );
         }
-        let token = format!("registry-token-{}", s.issued.len() + 1);
-        s.issued
-            .insert(token.clone(), session.clone().unwrap_or_default());
-        drop(s);
+        let token = {
+            let mut s = state.lock().unwrap();
+            let token = format!("registry-token-{}", s.issued.len() + 1);
+            s.issued
+                .insert(token.clone(), session.clone().unwrap_or_default());
+            token
+        };
         log(session, 200, order);
         let body = format!("{{\"token\":\"{token}\",\"expires_in\":3600}}");
         return render(
@@ -305,19 +309,13 @@ async fn answer(
         );
     }
 
-    let (session, ok, order) = {
-        let mut s = state.lock().unwrap();
-        let session = match flow {
-            Flow::Bearer => authorization
-                .strip_prefix("Bearer ")
-                .and_then(|t| s.issued.get(t.trim()).cloned()),
-            Flow::Basic => basic_session(&authorization),
-        };
-        let ok = session.is_some() && session == s.valid;
-        let order = s.decisions;
-        s.decisions += 1;
-        (session, ok, order)
+    let session = match flow {
+        Flow::Bearer => authorization
+            .strip_prefix("Bearer ")
+            .and_then(|t| state.lock().unwrap().issued.get(t.trim()).cloned()),
+        Flow::Basic => basic_session(&authorization),
     };
+    let ok = session.is_some() && session == valid;
     if !ok {
         log(session, 401, order);
         let challenge = match flow {
