@@ -22,9 +22,10 @@
 //!   page is found at start-up, not in the middle of a cycle. A panic inside sled while
 //!   opening or reading is caught and reported the same way. `state rebuild`
 //!   ([`crate::rebuild`]) moves such a store aside ([`retire`]) and rebuilds a new one.
-//!   The one exception is a store whose set-up never finished (no commit marker: the
-//!   daemon was killed during its first start, before anything was committed): it is
-//!   moved aside the same way and set up again at once.
+//!   The one exception is a store with no commit marker whose files sled cannot read:
+//!   its set-up never finished (the daemon was killed during its first start, before
+//!   anything was committed), or it was written by a version before the marker. It is
+//!   moved aside the same way and set up again at once, with a warning.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -562,17 +563,19 @@ impl Store {
             Ok(db) => db,
             // A kill during the first start can also leave sled's own files half-written
             // (its `conf` is not written atomically), so that sled cannot open them.
-            // Without a marker nothing was ever committed there: keep the files aside
-            // (never deleted) and set up again.
+            // Without a marker nothing was committed there (unless the store was written
+            // by a version before the marker, which the warning covers): keep the files
+            // aside (never deleted) and set up again.
             Err(StateError::Damaged { detail, .. }) if !existed => {
                 let moved_to = match retire(dir, Utc::now())? {
-                    Retired::Moved { to, .. } => to.display().to_string(),
-                    Retired::Absent => String::new(),
+                    Retired::Moved { to, .. } => Some(to.display().to_string()),
+                    Retired::Absent => None,
                 };
                 tracing::warn!(
                     path = %path.display(),
                     moved_to,
                     detail,
+                    hint = "a store written by a version before the commit marker had records: `spcs-image-scanner state rebuild` recovers them from output.dir instead of scanning again",
                     "the store was never completely set up (no commit marker) and sled cannot read its files; moved them aside and setting up a new store"
                 );
                 open_sled(&path)?
