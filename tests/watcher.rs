@@ -742,23 +742,13 @@ async fn bad_config_exits_64_naming_the_key() {
 }
 
 fn assert_no_file_contains(dir: &std::path::Path, needle: &str) {
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if let Ok(bytes) = std::fs::read(&path) {
-                assert!(
-                    !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
-                    "{} contains a secret",
-                    path.display()
-                );
-            }
-        }
+    for path in support::daemon::files_under(dir) {
+        let bytes = std::fs::read(&path).unwrap_or_default();
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "{} contains a secret",
+            path.display()
+        );
     }
 }
 
